@@ -1,0 +1,1 @@
+"""The on-disk index: store (manifest, shards), search, compression."""
