@@ -1,0 +1,348 @@
+"""The HTML report: escaping and self-containment (fast, no browser) and behaviour in headless Chromium.
+
+The browser tests use Debian's Chromium (/usr/bin/chromium) driven by Playwright for Python; they
+are skipped, with the reason, only when either cannot be found. No browser is downloaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shutil
+import struct
+import sys
+import types
+import zlib
+from pathlib import Path
+
+import pytest
+
+from tracestar.report import build_report, render_report
+
+HOSTILE = '<script>window.__pwned=1</script> and <img src=x onerror="window.__pwned=1"> end'
+
+
+def _results():
+    return [
+        {
+            "query_id": "capital-fr",
+            "prompt": "The capital of France is",
+            "target": " Paris",
+            "proponents": [
+                {"doc_id": "d-paris", "score": 0.052},
+                {"doc_id": "d-evil", "score": 0.031},
+                {"doc_id": "d-plain", "score": 0.012},
+            ],
+            "opponents": [{"doc_id": "d-rome", "score": -0.020}],
+        },
+        {
+            "query_id": "capital-it",
+            "prompt": "The capital of Italy is",
+            "target": " Rome",
+            "proponents": [{"doc_id": "d-rome", "score": 0.044}],
+            "opponents": [{"doc_id": "d-paris", "score": -0.010}],
+        },
+        {
+            "query_id": "currency-jp",
+            "prompt": "The currency of Japan is the",
+            "target": " yen",
+            "proponents": [{"doc_id": "d-yen", "score": 0.040}],
+            "opponents": [{"doc_id": "d-evil", "score": -0.015}],  # no token scores: plain text
+        },
+    ]
+
+
+def _docs():
+    return {
+        "d-paris": "Paris is the capital of France.",
+        "d-evil": HOSTILE,
+        "d-plain": "A document with no per-token scores.",
+        "d-rome": "Rome is the capital of Italy.",
+        "d-yen": "The yen is the currency of Japan.",
+    }
+
+
+def _token_scores():
+    return {
+        ("capital-fr", "d-paris"): [("Paris", 0.03), (" is", 0.002), (" the", -0.001), (" capital", 0.015),
+                                    (" of", 0.0), (" France", 0.006), (".", 0.0)],
+        ("capital-fr", "d-evil"): [("<script>", 0.01), ("window.__pwned=1", 0.02), ("</script>", -0.005),
+                                   (' <img src=x onerror="window.__pwned=1">', 0.006)],
+        ("capital-it", "d-rome"): [("Rome", 0.04), (" is the capital of Italy.", 0.004)],
+    }
+
+
+def _bm25():
+    return {
+        "capital-fr": [{"doc_id": "d-paris", "score": 7.5}, {"doc_id": "d-rome", "score": 3.1}],
+        "capital-it": [{"doc_id": "d-rome", "score": 8.0}],
+    }
+
+
+def _png(width: int = 2, height: int = 2) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture()
+def eval_dir(tmp_path):
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "mrr.png").write_bytes(_png())
+    (d / "fake.png").write_bytes(b"<svg onload=alert(1)>")  # not a PNG: must be skipped
+    (d / "report.md").write_text(
+        "# Evaluation <b>bold</b>\n\n| method | MRR |\n| --- | --- |\n| TrackStar | 0.29 |\n| <i>BM25</i> | 0.41 |\n",
+        encoding="utf-8",
+    )
+    (d / "metrics.json").write_text(json.dumps({"trackstar": {"mrr": 0.29}, "bm25": {"mrr": 0.41}}))
+    return d
+
+
+@pytest.fixture()
+def report(tmp_path, eval_dir):
+    return render_report(
+        _results(), _docs(), tmp_path / "r" / "report.html",
+        token_scores=_token_scores(), bm25=_bm25(), eval_dir=eval_dir, title="test <report>",
+    )
+
+
+# ---- fast checks, no browser ---------------------------------------------------------------------
+
+
+def test_hostile_text_is_escaped(report):
+    page = report.read_text(encoding="utf-8")
+    assert page.count("<script") == 1  # only our own script
+    assert "<img src=x" not in page
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page  # plain text (an opponent)
+    assert "&lt;script&gt;</span>" in page  # as heat-map tokens (a proponent)
+    assert "&lt;img src=x onerror=&quot;window.__pwned=1&quot;&gt;" in page
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+    assert "<i>BM25</i>" not in page
+    assert "test &lt;report&gt;" in page
+
+
+def test_attribute_injection_in_ids_and_prompts(tmp_path):
+    evil_id = '"><script>alert(1)</script><a x="'
+    res = [{"query_id": evil_id, "prompt": "p\u2028'\"<>&", "target": "</script>",
+            "proponents": [{"doc_id": evil_id, "score": 1.0}], "opponents": []}]
+    page = render_report(res, {evil_id: "x"}, tmp_path / "r.html",
+                         token_scores={(evil_id, evil_id): [('"><b>', 1.0)]}).read_text(encoding="utf-8")
+    assert page.count("<script") == 1
+    assert "<b>" not in page and "&quot;&gt;&lt;b&gt;" in page
+    # every attribute value is well formed: no raw quote from the data survives
+    assert evil_id not in page
+    assert "&quot;&gt;&lt;script&gt;" in page
+
+
+def test_self_contained_and_csp(report):
+    page = report.read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "http://" not in page and "https://" not in page
+    assert "@import" not in page and "url(" not in page
+    m = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
+    assert m, "CSP meta tag missing"
+    csp = m.group(1).replace("&#x27;", "'")
+    assert "default-src 'none'" in csp and "img-src data:" in csp
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp
+    assert "'unsafe-eval'" not in csp and "script-src 'unsafe-inline'" not in csp
+
+
+def test_heat_map_and_plain_text(report):
+    page = report.read_text(encoding="utf-8")
+    assert page.count('class="heat p8"') >= 3  # the top token of each explained document
+    assert 'class="heat n' in page  # negative contributions are coloured too
+    assert 'title="+0.03"' in page  # hover value
+    assert "A document with no per-token scores." in page  # plain text when no token scores
+
+
+def test_eval_dir_embedded(report):
+    page = report.read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == 1  # fake.png is not a PNG and is skipped
+    assert "onload=alert" not in page
+    assert "<th>method</th>" in page and "<td>0.29</td>" in page
+    assert "trackstar.mrr" in page
+
+
+def test_bm25_column_from_results_field(tmp_path):
+    res = _results()
+    res[0]["bm25"] = [{"doc_id": "d-paris", "score": 5.0}]
+    page = render_report(res, _docs(), tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<h3>BM25</h3>" in page and page.count("<h3>BM25</h3>") == 1
+
+
+def test_long_documents_are_cut(tmp_path):
+    res = [{"query_id": "q", "proponents": [{"doc_id": "a", "score": 1.0}, {"doc_id": "b", "score": 0.5}],
+            "opponents": []}]
+    toks = [(f"t{i} ", 0.01) for i in range(50)]
+    page = render_report(res, {"a": "x", "b": "y" * 500}, tmp_path / "r.html",
+                         token_scores={("q", "a"): toks}, max_tokens=10, max_chars=100).read_text(encoding="utf-8")
+    assert "40 more tokens" in page and "400 more characters" in page
+    assert "t10 " not in page
+
+
+def _fake_index(tmp_path: Path) -> tuple[Path, Path]:
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as fh:
+        for doc_id, text in _docs().items():
+            fh.write(json.dumps({"key": doc_id, "body": text}) + "\n")
+        fh.write(json.dumps({"key": "unused", "body": "not in any result"}) + "\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "manifest.json").write_text(json.dumps(
+        {"corpus": {"path": str(corpus), "text_field": "body", "id_field": "key"}}))
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _results()), encoding="utf-8")
+    return index, results
+
+
+def test_build_report_without_explain(tmp_path, eval_dir):
+    index, results = _fake_index(tmp_path)
+    out = build_report(results, index, tmp_path / "out.html", eval_dir=eval_dir, explain=False)
+    page = out.read_text(encoding="utf-8")
+    assert "Paris is the capital of France." in page
+    assert "&lt;script&gt;window.__pwned=1" in page
+    assert 'class="heat' not in page.split("</p>", 1)[1]  # no heat map past the legend
+    assert "not in any result" not in page
+
+
+def test_build_report_explain_failures_fall_back(tmp_path, monkeypatch):
+    index, results = _fake_index(tmp_path)
+    calls = []
+
+    def explain_tokens(index_arg, query, doc_id, **kw):
+        calls.append((query.id, doc_id))
+        if doc_id == "d-evil":
+            raise RuntimeError("boom")
+        return types.SimpleNamespace(tokens=[("Tok", 0.5), ("en", -0.1)], doc_score=0.4)
+
+    monkeypatch.setitem(sys.modules, "tracestar.explain", types.SimpleNamespace(explain_tokens=explain_tokens))
+    page = build_report(results, index, tmp_path / "out.html").read_text(encoding="utf-8")
+    assert ("capital-fr", "d-evil") in calls and len(calls) == 5  # every proponent, not opponents
+    assert page.count('class="heat p8"') == 4  # 4 explained proponents (+ none in legend: it uses p6)
+    assert "&lt;script&gt;window.__pwned=1" in page  # the failed one is plain text
+
+
+def test_build_report_when_explain_missing(tmp_path, monkeypatch):
+    index, results = _fake_index(tmp_path)
+    monkeypatch.setitem(sys.modules, "tracestar.explain", None)  # import fails
+    page = build_report(results, index, tmp_path / "out.html").read_text(encoding="utf-8")
+    assert "Paris is the capital of France." in page
+
+
+def test_cli_report(tmp_path, eval_dir, capsys):
+    from tracestar.cli import main
+
+    index, results = _fake_index(tmp_path)
+    out = tmp_path / "cli.html"
+    rc = main(["report", "--results", str(results), "--index", str(index), "--out", str(out),
+               "--eval", str(eval_dir), "--no-explain"])
+    assert rc == 0 and out.is_file()
+    assert str(out) in capsys.readouterr().out
+
+
+# ---- headless Chromium ---------------------------------------------------------------------------
+
+_CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _chromium_path() -> str | None:
+    for cand in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+@pytest.fixture()
+def page(report):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    exe = _chromium_path()
+    if exe is None:
+        pytest.skip("no Chromium found (/usr/bin/chromium); install it with `apt-get install -y chromium`")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=_CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1366, "height": 768})
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            requests: list[str] = []
+            pg.on("request", lambda req: requests.append(req.url))
+            pg.goto(report.as_uri())
+            pg.wait_for_load_state("load")
+            pg.errors, pg.requests = errors, requests
+            yield pg
+        finally:
+            browser.close()
+
+
+def _section(pg, query_id: str):
+    return pg.locator("section.query", has=pg.locator("h2 .qid", has_text=query_id))
+
+
+def test_browser_proponents_and_heat_map(page):
+    sec = _section(page, "capital-fr")
+    assert sec.count() == 1
+    ids = sec.locator("ol.proponents .docid").all_inner_texts()
+    assert ids == ["d-paris", "d-evil", "d-plain"]
+    heat = sec.locator("ol.proponents .heat")
+    assert heat.count() == 7 + 4
+    colours = heat.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+    coloured = [c for c in colours if c not in ("rgba(0, 0, 0, 0)", "transparent")]
+    assert len(coloured) >= 8
+    assert any("46, 160, 90" in c for c in colours) and any("214, 60, 50" in c for c in colours)
+    assert heat.first.get_attribute("title") == "+0.03"
+    bars = sec.locator("ol.proponents .fill.pos")
+    assert bars.count() == 3 and bars.first.evaluate("e => e.getBoundingClientRect().width") > 0
+
+
+def test_browser_hostile_document_is_inert(page):
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    sec = _section(page, "capital-fr")
+    # the hostile document is rendered as visible text, both as a heat map and as plain text
+    heat_doc = sec.locator("ol.proponents .doc.heatmap").nth(1)
+    assert heat_doc.is_visible()
+    text = heat_doc.inner_text()
+    assert "<script>" in text and "window.__pwned=1" in text and 'onerror="window.__pwned=1"' in text
+    assert page.locator("main img").count() == 1  # only the embedded plot, no injected <img>
+    assert page.locator("script").count() == 1
+    assert page.errors == []
+    assert all(u.startswith(("file:", "data:")) for u in page.requests), page.requests
+    # plain-text rendering too (no token scores for that query/doc)
+    plain = render_report([{"query_id": "q", "proponents": [{"doc_id": "d-evil", "score": 1.0}]}],
+                          _docs(), Path(page.url[len("file://"):]).parent / "plain.html")
+    page.goto(plain.as_uri())
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert HOSTILE in page.locator(".doc").first.inner_text()
+
+
+def test_browser_search_filters(page):
+    box = page.locator("#search")
+    items = page.locator("#qlist li")
+    assert items.count() == 3
+    assert page.locator("#count").inner_text() == "3 of 3 queries"
+    box.fill("italy")
+    assert page.locator("#qlist li:not(.hidden)").all_inner_texts()[0].startswith("capital-it")
+    assert page.locator("#qlist li:not(.hidden)").count() == 1
+    assert _section(page, "capital-it").is_visible()
+    assert not _section(page, "capital-fr").is_visible()
+    assert page.locator("#count").inner_text() == "1 of 3 queries"
+    box.fill("capital")  # by id
+    assert page.locator("#qlist li:not(.hidden)").count() == 2
+    box.fill(" yen")  # by target
+    assert page.locator("#qlist li:not(.hidden)").count() == 1
+    box.fill("no such query")
+    assert page.locator("#qlist li:not(.hidden)").count() == 0
+    box.fill("")
+    assert page.locator("#qlist li:not(.hidden)").count() == 3
+    # the sidebar links jump to the query
+    page.locator("#qlist li a", has_text="currency-jp").click()
+    assert page.url.endswith("#q2")
+    assert _section(page, "currency-jp").is_visible()
