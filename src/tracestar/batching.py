@@ -1,0 +1,139 @@
+"""Tokenization, loss masks and length-bucketed batches.
+
+L for a training document is the summed next-token cross-entropy over its tokens; for a query it
+is the summed cross-entropy of the target tokens only, given the prompt. Both become an
+`Example`: token ids plus the positions whose token is predicted (`loss_from`). Padding never
+changes a result: pad positions carry no loss, are masked from attention, and position ids are
+given explicitly so left padding does not shift them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+
+@dataclass
+class Example:
+    """Token ids of one document or query; tokens at positions ≥ `loss_from` are predicted."""
+
+    row: int
+    ids: list[int]
+    loss_from: int
+    truncated: bool = False
+
+
+@dataclass
+class Batch:
+    rows: list[int]
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T] 1 where the token at t is predicted (from t - 1)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(
+            self.rows,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.loss_mask.to(device),
+        )
+
+
+def _context_token(tokenizer) -> int:
+    for tok in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tok is not None:
+            return int(tok)
+    return 0
+
+
+def encode_document(tokenizer, text: str, row: int, max_length: int) -> Example:
+    """Document tokens (with the tokenizer's own specials, plus eos as the trainer appends it)."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(int(tokenizer.eos_token_id))
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    return Example(row=row, ids=ids, loss_from=1, truncated=truncated)
+
+
+def encode_query(tokenizer, prompt: str, target: str, row: int, max_length: int) -> Example:
+    """Prompt tokens then target tokens; only the target is predicted. An empty prompt gets the
+    tokenizer's bos/eos as context so the first target token has something to condition on."""
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+    if not prompt_ids:
+        prompt_ids = [_context_token(tokenizer)]
+    target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    truncated = len(prompt_ids) + len(target_ids) > max_length
+    if truncated:  # keep the target whole, drop the prompt's oldest tokens
+        keep = max(1, max_length - len(target_ids))
+        prompt_ids = prompt_ids[-keep:]
+        target_ids = target_ids[: max_length - len(prompt_ids)]
+    return Example(row=row, ids=prompt_ids + target_ids, loss_from=len(prompt_ids), truncated=truncated)
+
+
+def collate(examples: list[Example], pad_id: int, *, padding_side: str = "right") -> Batch:
+    T = max(len(e.ids) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        start = T - n if padding_side == "left" else 0
+        sl = slice(start, start + n)
+        input_ids[i, sl] = torch.tensor(e.ids, dtype=torch.long)
+        attention[i, sl] = 1
+        positions[i, sl] = torch.arange(n)
+        loss_mask[i, start + max(e.loss_from, 1) : start + n] = 1.0
+    return Batch([e.row for e in examples], input_ids, attention, positions, loss_mask)
+
+
+def bucketed(examples: Iterable[Example], batch_tokens: int, *, max_batch: int = 256) -> Iterator[list[Example]]:
+    """Group examples of similar length so padding stays small: sort by length, then fill batches
+    up to `batch_tokens` padded tokens. Deterministic for a given input order."""
+    ordered = sorted(examples, key=lambda e: (len(e.ids), e.row))
+    batch: list[Example] = []
+    for e in ordered:
+        longest = max([len(e.ids)] + [len(x.ids) for x in batch[-1:]])
+        if batch and ((len(batch) + 1) * longest > batch_tokens or len(batch) >= max_batch):
+            yield batch
+            batch = []
+        batch.append(e)
+    if batch:
+        yield batch
+
+
+def pad_id(tokenizer) -> int:
+    for tok in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tok is not None:
+            return int(tok)
+    return 0
+
+
+def summed_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[B] summed cross-entropy of the predicted tokens of each example (the L of TrackStar)."""
+    pred = logits[:, :-1, :]  # [B, T-1, V]
+    gold = batch.input_ids[:, 1:]  # [B, T-1]
+    mask = batch.loss_mask[:, 1:]  # [B, T-1]
+    ce = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), gold.reshape(-1), reduction="none")
+    return (ce.view_as(mask) * mask).sum(dim=1)
+
+
+def forward_loss(model, batch: Batch) -> torch.Tensor:
+    """[B] per-example TrackStar loss for a batch."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return summed_loss(out.logits, batch)

@@ -1,0 +1,147 @@
+"""The factored gradient equals the explicit per-example gradient, corrected and projected densely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny import gpt2, llama, make_tokenizer
+from tracestar.batching import collate, encode_document, encode_query, forward_loss
+from tracestar.capture import FactoredCapture
+from tracestar.model import coverage, tracked_matrices
+from tracestar.normalizer import factored_v, from_optimizer_state, identity
+from tracestar.projection import gaussian, make_layout
+
+TEXTS = [
+    "the capital of france is paris .",
+    "berlin is a large city in germany and the capital",
+    "rome",
+    "the river in the north of italy was large , the mountain small and the city lives on .",
+    "madrid spain lisbon portugal",
+]
+
+
+def _optimizer_state(model, kind: str, path):
+    """A state_dict shaped like the named optimizer's, with random positive second moments."""
+    gen = torch.Generator().manual_seed(7)
+    state = {}
+    for i, p in enumerate(model.parameters()):
+        if p.dim() != 2:
+            state[i] = {"step": torch.tensor(3.0)}
+            continue
+        a, b = p.shape
+        r = torch.rand(a, generator=gen) + 0.05
+        c = torch.rand(b, generator=gen) + 0.05
+        if kind == "torch_adafactor":
+            state[i] = {"step": torch.tensor(3.0), "row_var": r[:, None], "col_var": c[None, :]}
+        elif kind == "hf_adafactor":
+            state[i] = {"step": 3, "exp_avg_sq_row": r, "exp_avg_sq_col": c, "exp_avg_sq": torch.zeros(0)}
+        else:
+            state[i] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(a, b), "exp_avg_sq": torch.rand(a, b, generator=gen) + 0.01}
+    n = len(list(model.parameters()))
+    group = {"lr": 1e-3, "params": list(range(n))}
+    if kind == "adam":
+        group["betas"] = (0.9, 0.999)
+    torch.save({"state": state, "param_groups": [group]}, path)
+    return torch.load(path, weights_only=True)
+
+
+def _explicit(model, tracked, blocks, sd, kind, batch_examples, seed):
+    """Per-example autograd gradient ÷ √V, projected densely — the reference."""
+    tok = make_tokenizer()
+    index_of = {id(p): i for i, p in enumerate(model.parameters())}
+    block_of = {p: i for i, b in enumerate(blocks) for p in b.params}
+    out = []
+    for ex in batch_examples:
+        b = collate([ex], tok.pad_token_id)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.zero_grad()
+        forward_loss(model, b).sum().backward()
+        acc = [torch.zeros(bl.k, bl.k, dtype=torch.float64) for bl in blocks]
+        for t in tracked:
+            g = t.param.grad.double()
+            st = sd["state"][index_of[id(t.param)]] if sd else None
+            if kind == "torch_adafactor":
+                v = factored_v(st["row_var"], st["col_var"])
+            elif kind == "hf_adafactor":
+                v = factored_v(st["exp_avg_sq_row"], st["exp_avg_sq_col"])
+            elif kind == "adam":
+                full = st["exp_avg_sq"].double() / (1 - 0.999 ** 3)
+                v = factored_v(full.mean(1), full.mean(0))
+            else:
+                v = torch.ones_like(g)
+            bi = block_of[t.name]
+            k = blocks[bi].k
+            L = gaussian(seed, t.name, "L", k, g.shape[0]).double()
+            R = gaussian(seed, t.name, "R", k, g.shape[1]).double()
+            acc[bi] += L @ (g / v.sqrt()) @ R.T
+        out.append(torch.cat([a.flatten() for a in acc]))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return torch.stack(out)
+
+
+def _examples(queries: bool = False):
+    tok = make_tokenizer()
+    if queries:
+        return [encode_query(tok, t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1], i, 64) for i, t in enumerate(TEXTS) if " " in t]
+    return [encode_document(tok, t, i, 64) for i, t in enumerate(TEXTS)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["torch_adafactor", "hf_adafactor", "adam", "none"])
+@pytest.mark.parametrize("blocks_kind", ["paper", "module"])
+def test_factored_equals_explicit(tmp_path, arch, kind, blocks_kind):
+    model = gpt2() if arch == "gpt2" else llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind=blocks_kind, dim=4096)
+    if kind == "none":
+        sd, norm = None, identity(tracked)
+    else:
+        sd = _optimizer_state(model, kind, tmp_path / "opt.pt")
+        norm = from_optimizer_state(tmp_path / "opt.pt", model, tracked)
+        assert norm.kind == kind
+    cap = FactoredCapture(model, tracked, blocks, norm, seed=3)
+    for queries in (False, True):
+        examples = _examples(queries)
+        got = cap.vectors(collate(examples, make_tokenizer().pad_token_id)).double()
+        want = _explicit(model, tracked, blocks, sd, kind, examples, seed=3)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item()), (got - want).abs().max()
+
+
+def test_coverage_and_ties():
+    for model, tied in ((gpt2(), True), (llama(), False)):
+        tracked = tracked_matrices(model)
+        cov = coverage(model, tracked)
+        assert cov["share"] > 0.95, cov
+        emb = model.get_input_embeddings().weight
+        entry = [t for t in tracked if t.param is emb][0]
+        assert (len(entry.sites) == 2) == tied  # a tied embedding is one parameter with two uses
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batch_and_padding_invariance(arch):
+    model = gpt2() if arch == "gpt2" else llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="paper", dim=2048)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
+    tok = make_tokenizer()
+    examples = _examples() + _examples()[:3]
+    single = torch.cat([cap.vectors(collate([e], tok.pad_token_id)) for e in examples])
+    for side in ("right", "left"):
+        full = cap.vectors(collate(examples, tok.pad_token_id, padding_side=side))
+        scale = single.abs().max()
+        assert torch.allclose(full, single, atol=1e-5 * scale, rtol=1e-5), (side, (full - single).abs().max() / scale)
+
+
+def test_token_vectors_sum_to_vector():
+    model = gpt2()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="paper", dim=1024)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
+    batch = collate(_examples()[:2], make_tokenizer().pad_token_id)
+    whole = cap.vectors(batch)
+    per_token = cap.token_vectors(batch)
+    assert torch.allclose(per_token.sum(1), whole, atol=1e-5 * whole.abs().max())

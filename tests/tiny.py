@@ -1,0 +1,59 @@
+"""Tiny random models and tokenizers built from a config: nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the capital of is city country river mountain paris france berlin germany rome italy madrid spain "
+    "lisbon portugal vienna austria a an and in on was born lives language speaks currency euro "
+    "population large small north south east west"
+).split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab.setdefault("Ġ" + w, len(vocab))
+        vocab.setdefault(w, len(vocab))
+    for ch in ".,:;!?'-0123456789":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault("Ġ" + ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def gpt2(seed: int = 0, vocab_size: int | None = None):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab_size or len(make_tokenizer()), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def llama(seed: int = 0, vocab_size: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(make_tokenizer()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save(model, path: Path) -> Path:
+    path = Path(path)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
