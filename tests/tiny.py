@@ -37,6 +37,7 @@ def gpt2(seed: int = 0, vocab_size: int | None = None):
     cfg = GPT2Config(
         vocab_size=vocab_size or len(make_tokenizer()), n_positions=64, n_embd=32, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     return GPT2LMHeadModel(cfg).eval()
 
@@ -48,6 +49,7 @@ def llama(seed: int = 0, vocab_size: int | None = None):
     cfg = LlamaConfig(
         vocab_size=vocab_size or len(make_tokenizer()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -62,7 +62,9 @@ class Tracked:
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local HF directory: never the network, never remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = Path(model_dir)
     if not (path / "config.json").exists():
         raise UserError(f"{path}: not a model directory (no config.json)")

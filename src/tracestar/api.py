@@ -1,0 +1,128 @@
+"""The Python API — the same functions the CLI calls.
+
+    from tracestar.api import build_index, open_index
+    build_index("model/", "corpus.jsonl", "index/", optimizer_state="model/optimizer.pt")
+    idx = open_index("index/")
+    results = idx.query([Query("q1", "The capital of France is", " Paris")], top_k=10)
+    vectors = idx.query_vectors(queries)          # [Q, D] final TrackStar query vectors
+    docs = idx.document_vectors(["some text"])     # [N, D] final vectors for new texts
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tracestar.batching import encode_document
+from tracestar.build import BuildOptions, Tracer, build_index, finalize_vectors, refit  # noqa: F401 (re-exported)
+from tracestar.corpus import Query, read_queries, write_jsonl
+from tracestar.errors import UserError
+from tracestar.index.store import IndexStore
+from tracestar.normalizer import Normalizer
+from tracestar.preconditioner import Preconditioner
+from tracestar.projection import Block
+
+__all__ = ["BuildOptions", "Index", "Query", "build_index", "open_index", "refit", "query_file"]
+
+
+class Index:
+    """An opened index: its manifest, doc table, V, R^{-1/2}, and (lazily) the model to embed queries."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.store = IndexStore(self.path)
+        self.manifest = self.store.manifest
+        self.blocks = [Block.from_json(b) for b in self.manifest["projection"]["blocks"]]
+        self.normalizer = Normalizer.load(self.path / "normalizer.safetensors", self.manifest["normalizer"])
+        self.preconditioner = Preconditioner.load(self.path / "preconditioner.safetensors", self.manifest["preconditioner"])
+        self._tracer: Tracer | None = None
+        self._capture = None
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return self.store.doc_ids
+
+    @property
+    def options(self) -> BuildOptions:
+        m = self.manifest
+        return BuildOptions(max_length=m["max_length"], unit_norm=m["unit_norm"], seed=m["projection"]["seed"], quiet=True)
+
+    def tracer(self, model_dir: str | Path | None = None, device: str | None = None) -> Tracer:
+        """The model this index was built with; a model with another fingerprint is refused."""
+        if self._tracer is None or (model_dir is not None and Path(model_dir).resolve() != self._tracer.model_dir):
+            path = Path(model_dir) if model_dir is not None else Path(self.manifest["model"]["path"])
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            tracer = Tracer(path, device)
+            if tracer.fingerprint != self.manifest["model"]["fingerprint"]:
+                raise UserError(
+                    f"{path}: model fingerprint {tracer.fingerprint[:12]} differs from the index's "
+                    f"{self.manifest['model']['fingerprint'][:12]} ({self.path}); refusing to mix them"
+                )
+            self._tracer = tracer
+            self._capture = tracer.capture(self.blocks, self.normalizer, self.manifest["projection"]["seed"])
+        return self._tracer
+
+    def raw_query_vectors(self, queries: list[Query], model_dir: str | Path | None = None) -> np.ndarray:
+        """[Q, D] g = P(∇L/√V) of the target given the prompt, before R and normalization."""
+        tracer = self.tracer(model_dir)
+        return tracer.query_vectors(self._capture, queries, self.options)
+
+    def query_vectors(self, queries: list[Query], model_dir: str | Path | None = None) -> np.ndarray:
+        """[Q, D] final query vectors, comparable with the stored document vectors."""
+        raw = torch.from_numpy(self.raw_query_vectors(queries, model_dir))
+        return finalize_vectors(raw, self.preconditioner, self.manifest["unit_norm"]).numpy()
+
+    def document_vectors(self, texts: list[str], model_dir: str | Path | None = None) -> np.ndarray:
+        """[N, D] final vectors for texts treated as training documents."""
+        tracer = self.tracer(model_dir)
+        examples = [encode_document(tracer.tokenizer, t, i, self.manifest["max_length"]) for i, t in enumerate(texts)]
+        raw = torch.from_numpy(tracer.raw_vectors(self._capture, examples, self.options))
+        return finalize_vectors(raw, self.preconditioner, self.manifest["unit_norm"]).numpy()
+
+    def search_vectors(self, vectors: np.ndarray, top_k: int = 10, *, exact: bool = False, rerank: int | None = None):
+        from tracestar.index.compress import search
+
+        return search(self.store, np.asarray(vectors, dtype=np.float32), top_k, exact=exact, rerank=rerank)
+
+    def query(
+        self,
+        queries: list[Query],
+        top_k: int = 10,
+        *,
+        model_dir: str | Path | None = None,
+        exact: bool = False,
+        rerank: int | None = None,
+    ) -> list[dict]:
+        """Top-k proponents (descending score) and opponents (ascending) per query, in input order."""
+        if not queries:
+            return []
+        found = self.search_vectors(self.query_vectors(queries, model_dir), top_k, exact=exact, rerank=rerank)
+        ids = self.doc_ids
+        out = []
+        for qi, q in enumerate(queries):
+            out.append(
+                {
+                    "query_id": q.id,
+                    "proponents": [
+                        {"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.prop_rows[qi], found.prop_scores[qi])
+                    ],
+                    "opponents": [
+                        {"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.opp_rows[qi], found.opp_scores[qi])
+                    ],
+                }
+            )
+        return out
+
+
+def open_index(path: str | Path) -> Index:
+    return Index(path)
+
+
+def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False, rerank=None) -> list[dict]:
+    """`tracestar query`: read QUERIES.jsonl, write RESULTS.jsonl (one object per query, input order)."""
+    queries = read_queries(queries_path)
+    results = open_index(index_dir).query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank)
+    write_jsonl(out, results)
+    return results

@@ -1,0 +1,180 @@
+"""R: TrackStar's Gauss–Newton Hessian approximation, mixed between train and eval, as R^{-1/2}.
+
+    R_train = E_{z ~ corpus}[g gᵀ]      R_eval = E_{z ~ queries}[g gᵀ]      (g = P(∇L/√V))
+    R = λ R_eval + (1 − λ) R_train
+    Ḡ = unit(R^{-1/2} g)
+
+R is block-diagonal: each projection block's k² coordinates are cut into contiguous ranges of at
+most `r_block` and each range gets its own matrix. Statistics are kept as sums (Σ g gᵀ, count) so
+ranks can all-reduce them. λ is chosen by matching the two sorted eigenvalue spectra (all blocks
+together) at a component index c: the c-th eigenvalue of λ R_eval equals the c-th of (1 − λ) R_train,
+i.e. λ = σ_train[c] / (σ_train[c] + σ_eval[c]). The paper used c ≈ 1000 of 65,536 components; we
+scale c to the index's dimension. R^{-1/2} comes from an eigendecomposition in float64 with
+damping δ · mean eigenvalue added to the spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tracestar.projection import Block
+
+PAPER_COMPONENT_FRACTION = 1000 / 65536
+DEFAULT_DAMPING = 0.1
+DEFAULT_R_BLOCK = 2048
+
+
+def r_ranges(blocks: list[Block], r_block: int = DEFAULT_R_BLOCK) -> list[tuple[int, int]]:
+    """Contiguous [start, end) coordinate ranges, one R matrix each, never crossing a block."""
+    ranges = []
+    for b in blocks:
+        n_parts = max(1, math.ceil(b.size / r_block))
+        edges = [b.offset + round(i * b.size / n_parts) for i in range(n_parts + 1)]
+        ranges.extend(zip(edges[:-1], edges[1:]))
+    return ranges
+
+
+@dataclass
+class RStats:
+    """Σ g gᵀ per range and the number of vectors summed (float64, all-reducible)."""
+
+    ranges: list[tuple[int, int]]
+    sums: list[torch.Tensor] = field(default_factory=list)
+    count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+
+    def __post_init__(self):
+        if not self.sums:
+            self.sums = [torch.zeros(e - s, e - s, dtype=torch.float64) for s, e in self.ranges]
+
+    def update(self, vectors: torch.Tensor) -> None:
+        """Add a batch of vectors [N, D]."""
+        v = vectors.double()
+        for (s, e), acc in zip(self.ranges, self.sums):
+            part = v[:, s:e]  # [N, m]
+            acc += part.T @ part
+        self.count += v.shape[0]
+
+    def all_reduce(self, reduce) -> None:
+        for acc in self.sums:
+            reduce(acc)
+        reduce(self.count)
+
+    def means(self) -> list[torch.Tensor]:
+        n = max(float(self.count), 1.0)
+        return [acc / n for acc in self.sums]
+
+
+def spectrum(mats: list[torch.Tensor]) -> torch.Tensor:
+    """All eigenvalues of a block-diagonal matrix, descending."""
+    eig = torch.cat([torch.linalg.eigvalsh(m) for m in mats])
+    return torch.sort(eig.clamp(min=0.0), descending=True).values
+
+
+def component_index(dim: int) -> int:
+    """The paper's spectrum-matching index (~1000 of 65,536) scaled to this dimension."""
+    return max(0, round(PAPER_COMPONENT_FRACTION * dim) - 1)
+
+
+def auto_lambda(eig_train: torch.Tensor, eig_eval: torch.Tensor, index: int) -> tuple[float, int]:
+    """λ with λ σ_eval[c] = (1 − λ) σ_train[c]; c clipped to where both spectra are non-zero."""
+    tol = 1e-12
+    nonzero = min(int((eig_train > tol * eig_train[0]).sum()), int((eig_eval > tol * eig_eval[0]).sum()))
+    c = min(index, max(nonzero - 1, 0))
+    st, se = float(eig_train[c]), float(eig_eval[c])
+    if st + se <= 0:
+        return 0.5, c
+    return st / (st + se), c
+
+
+def inv_sqrt(r: torch.Tensor, damping: float) -> torch.Tensor:
+    """(R + δ · mean eigenvalue · I)^{-1/2}, float64 eigendecomposition, returned float32."""
+    evals, evecs = torch.linalg.eigh(r.double())
+    evals = evals.clamp(min=0.0)
+    shift = damping * float(evals.mean()) if float(evals.mean()) > 0 else 1e-12
+    scale = (evals + shift).rsqrt()
+    return ((evecs * scale[None, :]) @ evecs.T).float()
+
+
+@dataclass
+class Preconditioner:
+    """R^{-1/2} per range; `apply` maps [N, D] → [N, D]. kind 'none' is the identity."""
+
+    kind: str  # none | train | mixed
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    mats: list[torch.Tensor] = field(default_factory=list)
+    lam: float | None = None
+    damping: float = DEFAULT_DAMPING
+    info: dict = field(default_factory=dict)
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return vectors
+        out = vectors.clone().float()
+        for (s, e), m in zip(self.ranges, self.mats):
+            out[:, s:e] = vectors[:, s:e].float() @ m  # m is symmetric
+        return out
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "lambda": self.lam, "damping": self.damping, "n_ranges": len(self.ranges), **self.info}
+
+    def save(self, path: str | Path, stats: dict[str, RStats] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"r{i}.inv_sqrt": m.contiguous() for i, m in enumerate(self.mats)}
+        tensors["ranges"] = torch.tensor(self.ranges, dtype=torch.int64).reshape(-1, 2)
+        for name, st in (stats or {}).items():
+            for i, acc in enumerate(st.sums):
+                tensors[f"{name}.r{i}.sum"] = acc.contiguous()
+            tensors[f"{name}.count"] = st.count.reshape(1)
+        tmp = Path(str(path) + ".tmp")
+        save_file(tensors, str(tmp), metadata={"kind": self.kind})
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: str | Path, info: dict) -> "Preconditioner":
+        if info.get("kind", "none") == "none":
+            return Preconditioner("none")
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        ranges = [tuple(int(x) for x in row) for row in t["ranges"].tolist()]
+        mats = [t[f"r{i}.inv_sqrt"] for i in range(len(ranges))]
+        extra = {k: v for k, v in info.items() if k not in ("kind", "lambda", "damping", "n_ranges")}
+        return Preconditioner(info["kind"], ranges, mats, info.get("lambda"), info.get("damping", DEFAULT_DAMPING), extra)
+
+
+def fit(
+    kind: str,
+    train: RStats | None,
+    eval_: RStats | None = None,
+    *,
+    lam: float | None = None,
+    damping: float = DEFAULT_DAMPING,
+    dim: int | None = None,
+) -> Preconditioner:
+    """R^{-1/2} for `train` (R_train alone) or `mixed` (λ R_eval + (1 − λ) R_train)."""
+    if kind == "none":
+        return Preconditioner("none")
+    assert train is not None
+    r_train = train.means()
+    info: dict = {"train_count": int(train.count)}
+    if kind == "train":
+        mats = [inv_sqrt(r, damping) for r in r_train]
+        return Preconditioner("train", train.ranges, mats, None, damping, info)
+    if kind != "mixed" or eval_ is None:
+        raise ValueError("a mixed preconditioner needs eval query statistics")
+    r_eval = eval_.means()
+    info["eval_count"] = int(eval_.count)
+    if lam is None:
+        dim = dim or train.ranges[-1][1]
+        index = component_index(dim)
+        lam, used = auto_lambda(spectrum(r_train), spectrum(r_eval), index)
+        info.update({"lambda_source": "auto", "component_index": index, "component_index_used": used})
+    else:
+        info["lambda_source"] = "given"
+    mats = [inv_sqrt(lam * re + (1.0 - lam) * rt, damping) for rt, re in zip(r_train, r_eval)]
+    return Preconditioner("mixed", train.ranges, mats, float(lam), damping, info)
