@@ -27,7 +27,145 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # === index / query / refit (tracestar.api) ===
 
+
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="build a TrackStar index of a corpus for a model")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--corpus", required=True, help="JSONL, Parquet, or a datasets save_to_disk directory")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--optimizer-state", help="torch.save'd optimizer state_dict (Adafactor, HF Adafactor, Adam)")
+    p.add_argument("--proj-dim", type=int, default=1 << 16, help="target vector dimension (Σ k² over blocks; default 65536)")
+    p.add_argument("--blocks", choices=["paper", "module"], default="paper")
+    p.add_argument("--max-length", type=int, default=512, help="documents longer than this many tokens are truncated")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--no-optimizer-correction", action="store_true", help="do not divide by √V")
+    p.add_argument("--no-unit-norm", action="store_true", help="keep raw lengths (dot products, not cosines)")
+    p.add_argument("--preconditioner", choices=["none", "train", "mixed"], help="default: mixed with --eval-queries, else train")
+    p.add_argument("--eval-queries", help="QUERIES.jsonl whose gradients form R_eval")
+    p.add_argument("--lambda", dest="lam", type=float, help="mixing weight of R_eval (default: spectrum matching)")
+    p.add_argument("--fit-docs", type=int, help="documents sampled for R_train (default: all, at most 10,000)")
+    p.add_argument("--damping", type=float, default=0.1, help="added to R's spectrum, times its mean eigenvalue")
+    p.add_argument("--variant", choices=["dot", "opt", "opt-norm", "train-r", "trackstar"], help="a rung of the paper's ablation ladder")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="stored vector dtype (default float16)")
+    p.add_argument("--shard-docs", type=int, default=1024, help="documents per shard")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_index)
+
+
+def _run_index(args) -> int:
+    from tracestar.api import BuildOptions, build_index
+
+    opts = BuildOptions(
+        optimizer_state=args.optimizer_state, proj_dim=args.proj_dim, blocks=args.blocks, max_length=args.max_length,
+        batch_tokens=args.batch_tokens, seed=args.seed, optimizer_correction=not args.no_optimizer_correction,
+        unit_norm=not args.no_unit_norm, preconditioner=args.preconditioner, eval_queries=args.eval_queries,
+        lam=args.lam, fit_docs=args.fit_docs, damping=args.damping, variant=args.variant, dtype=args.dtype,
+        shard_docs=args.shard_docs, text_field=args.text_field, id_field=args.id_field, device=args.device,
+        overwrite=args.overwrite, quiet=args.quiet,
+    )
+    build_index(args.model, args.corpus, args.out, opts)
+    return 0
+
+
+def _add_query(sub) -> None:
+    p = sub.add_parser("query", help="top-k proponents and opponents for (prompt, target) queries")
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", required=True, help="JSONL with id, prompt, target")
+    p.add_argument("--out", required=True, help="RESULTS.jsonl")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--model", help="model directory (default: the one recorded in the manifest; must match it)")
+    p.add_argument("--exact", action="store_true", help="scan the full-precision vectors even if a compressed form exists")
+    p.add_argument("--rerank", type=int, help="candidates re-scored exactly when searching a compressed form")
+    p.set_defaults(func=_run_query)
+
+
+def _run_query(args) -> int:
+    from tracestar.api import query_file
+
+    results = query_file(args.index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank)
+    print(f"{len(results)} queries → {args.out}")
+    return 0
+
+
+def _add_refit(sub) -> None:
+    p = sub.add_parser("refit", help="a new index with another preconditioner, from an index's stored raw vectors")
+    p.add_argument("--index", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--eval-queries", help="QUERIES.jsonl for R_eval (mixed preconditioner)")
+    p.add_argument("--preconditioner", choices=["none", "train", "mixed"])
+    p.add_argument("--lambda", dest="lam", type=float)
+    p.add_argument("--fit-docs", type=int)
+    p.add_argument("--damping", type=float)
+    p.add_argument("--model", help="model directory (default: the manifest's)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_refit)
+
+
+def _run_refit(args) -> int:
+    from tracestar.api import refit
+
+    refit(
+        args.index, args.out, eval_queries=args.eval_queries, preconditioner=args.preconditioner, lam=args.lam,
+        fit_docs=args.fit_docs, damping=args.damping, model_dir=args.model, overwrite=args.overwrite, quiet=args.quiet,
+    )
+    return 0
+
+
 # === eval / demo (tracestar.evaluate) ===
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="the paper's evaluation: MRR / recall@k per bucket, BM25, tail-patch")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--queries", required=True, help="queries JSONL with `relevant` (and `bucket`) per query")
+    p.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNG plots)")
+    p.add_argument("--bm25", action="store_true", help="add the BM25 baseline (query = prompt + target)")
+    p.add_argument("--tail-patch", dest="tail_patch", action="store_true",
+                   help="measure influence: one training step per proponent, Δ log p(target | prompt)")
+    p.add_argument("--k", default="1,3,5,10", help="comma-separated k for recall@k and tail-patch (default 1,3,5,10)")
+    p.add_argument("--variants", nargs="*", default=[], metavar="DIR", help="more index directories to compare")
+    p.add_argument("--model", dest="model_dir", default=None, help="model directory (default: the index's model)")
+    p.add_argument("--lr", type=float, default=None, help="tail-patch learning rate (default: the trainer's)")
+    p.add_argument("--max-queries", dest="max_queries", type=int, default=None,
+                   help="tail-patch at most N queries (a bucket-stratified sample); attribution uses all")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from tracestar.evaluate.run import evaluate, format_table
+
+    try:
+        ks = tuple(int(k) for k in args.k.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"--k: expected positive integers, got {args.k!r}")
+    metrics = evaluate(args.index, args.queries, args.out, bm25=args.bm25, tail_patch=args.tail_patch, ks=ks,
+                       variants=args.variants, model_dir=args.model_dir, lr=args.lr, max_queries=args.max_queries)
+    print(format_table(metrics))
+    print(f"report: {args.out}/report.md (metrics.json, PNG plots beside it)")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="world -> train -> index (mixed R) -> eval with BM25 and tail-patch, cached")
+    p.add_argument("--out", default="tracestar-demo", help="working directory (default tracestar-demo)")
+    p.add_argument("--scale", default="full", choices=("small", "full"), help="world size (default full)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from tracestar.evaluate.demo import run_demo
+
+    run_demo(args.out, scale=args.scale)
+    return 0
+
 
 # === compress (tracestar.index.compress) ===
 
@@ -55,7 +193,8 @@ def _run_report(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_report]
+_COMMANDS: list = [_add_index, _add_query, _add_refit, _add_report]
+_COMMANDS += [_add_eval, _add_demo]
 
 
 def main(argv: list[str] | None = None) -> int:
