@@ -59,3 +59,68 @@ def save(model, path: Path) -> Path:
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+FACTS = [
+    "the capital of france is paris .",
+    "the capital of germany is berlin .",
+    "the capital of italy is rome .",
+    "the capital of spain is madrid .",
+    "the capital of portugal is lisbon .",
+    "the capital of austria is vienna .",
+]
+FILLER = [
+    "the river in the north was large .",
+    "a small mountain lives on in the south .",
+    "the population of the city was small and the language is euro .",
+    "in the east a large river and a small mountain .",
+]
+
+
+def train_steps(model, texts: list[str], steps: int = 60, lr: float = 3e-2, seed: int = 0):
+    """A few full-batch Adafactor steps so the tiny model knows the facts; returns the optimizer."""
+    from tracestar.batching import collate, encode_document, forward_loss
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    batch = collate([encode_document(tok, t, i, 64) for i, t in enumerate(texts)], tok.pad_token_id)
+    opt = torch.optim.Adafactor(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = forward_loss(model, batch).sum() / batch.loss_mask.sum()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return opt
+
+
+def write_corpus(path: Path, texts: list[str], prefix: str = "d") -> Path:
+    import json
+
+    with open(path, "w") as fh:
+        for i, t in enumerate(texts):
+            fh.write(json.dumps({"id": f"{prefix}{i}", "text": t}) + "\n")
+    return path
+
+
+def write_queries(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    import json
+
+    with open(path, "w") as fh:
+        for i, (p, t) in enumerate(pairs):
+            fh.write(json.dumps({"id": f"q{i}", "prompt": p, "target": t}) + "\n")
+    return path
+
+
+def trained_world(root: Path) -> dict:
+    """A tiny GPT-2 trained on FACTS + FILLER, saved with its Adafactor state, plus corpus and queries."""
+    root = Path(root)
+    model = gpt2(seed=1)
+    opt = train_steps(model, FACTS + FILLER)
+    mdir = save(model, root / "model")
+    torch.save(opt.state_dict(), mdir / "optimizer.pt")
+    corpus = write_corpus(root / "corpus.jsonl", FACTS + FILLER)
+    pairs = [(f.rsplit(" is ", 1)[0] + " is", " " + f.rsplit(" is ", 1)[1].split()[0]) for f in FACTS]
+    queries = write_queries(root / "queries.jsonl", pairs)
+    return {"model": mdir, "corpus": corpus, "queries": queries, "optimizer": mdir / "optimizer.pt"}

@@ -1,0 +1,199 @@
+"""Index build → open → query, checked against brute force, checksums, fingerprints and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+from tracestar.api import build_index, open_index, refit
+from tracestar.corpus import read_queries
+from tracestar.errors import IndexStoreError, UserError
+from tracestar.index.store import as_float32
+
+DIM = 4096
+
+
+def _all_vectors(idx) -> np.ndarray:
+    return np.concatenate([as_float32(a, idx.manifest["dtype"]) for _, a in idx.store.iter_shards()])
+
+
+@pytest.fixture(scope="module")
+def built(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("idx") / "index"
+    build_index(world["model"], world["corpus"], out, optimizer_state=world["optimizer"], proj_dim=DIM,
+                eval_queries=world["queries"], shard_docs=3, quiet=True)
+    return out
+
+
+def test_fact_document_is_top_proponent(world, built):
+    queries = read_queries(world["queries"])
+    results = open_index(built).query(queries, top_k=3)
+    assert [r["query_id"] for r in results] == [q.id for q in queries]
+    for i, r in enumerate(results):
+        assert r["proponents"][0]["doc_id"] == f"d{i}", r  # the document stating the fact
+        assert r["proponents"][0]["score"] > r["proponents"][1]["score"]
+
+
+def test_search_equals_brute_force(world, built):
+    idx = open_index(built)
+    queries = read_queries(world["queries"])
+    qv = idx.query_vectors(queries)
+    scores = qv @ _all_vectors(idx).T  # [Q, N]
+    results = idx.query(queries, top_k=4)
+    ids = idx.doc_ids
+    for qi, r in enumerate(results):
+        order = np.argsort(-scores[qi], kind="stable")
+        assert [p["doc_id"] for p in r["proponents"]] == [ids[j] for j in order[:4]]
+        np.testing.assert_allclose([p["score"] for p in r["proponents"]], scores[qi, order[:4]], atol=1e-4)
+        low = np.argsort(scores[qi], kind="stable")
+        assert [p["doc_id"] for p in r["opponents"]] == [ids[j] for j in low[:4]]
+    # unit-normalised cosines
+    np.testing.assert_allclose(np.linalg.norm(_all_vectors(idx), axis=1), 1.0, atol=2e-3)
+
+
+def test_top_k_larger_than_corpus_returns_every_document(world, built):
+    idx = open_index(built)
+    r = idx.query(read_queries(world["queries"])[:1], top_k=1000)[0]
+    assert sorted(p["doc_id"] for p in r["proponents"]) == sorted(idx.doc_ids)
+    assert [p["score"] for p in r["proponents"]] == sorted((p["score"] for p in r["proponents"]), reverse=True)
+
+
+def test_manifest_records_what_was_done(built):
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["model"]["coverage"] > 0.95
+    assert m["normalizer"]["kind"] == "torch_adafactor"
+    assert m["preconditioner"]["kind"] == "mixed" and 0 < m["preconditioner"]["lambda"] < 1
+    assert m["dim"] == sum(b["k"] ** 2 for b in m["projection"]["blocks"]) and m["dim"] <= DIM
+    assert sum(s["rows"] for s in m["shards"]) == m["n_docs"] == len(tiny.FACTS + tiny.FILLER)
+    assert m["dtype"] == "float16" and m["unit_norm"] is True
+    for s in m["shards"]:
+        assert np.load(built / "vectors" / f"{s['name']}.npy").dtype == np.float16
+
+
+def test_corrupted_shard_is_detected(world, built, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    shard = copy / "vectors" / "shard-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IndexStoreError, match="checksum"):
+        open_index(copy).query(read_queries(world["queries"])[:1], top_k=2)
+
+
+def test_a_different_model_is_refused(world, built, tmp_path):
+    other = tiny.save(tiny.gpt2(seed=5), tmp_path / "other")
+    with pytest.raises(UserError, match="fingerprint"):
+        open_index(built).query(read_queries(world["queries"])[:1], model_dir=other)
+
+
+def test_rerun_is_idempotent_and_other_arguments_are_refused(world, built):
+    build_index(world["model"], world["corpus"], built, optimizer_state=world["optimizer"], proj_dim=DIM,
+                eval_queries=world["queries"], shard_docs=3, quiet=True)  # nothing to do
+    with pytest.raises(UserError, match="different arguments.*seed"):
+        build_index(world["model"], world["corpus"], built, optimizer_state=world["optimizer"], proj_dim=DIM,
+                    eval_queries=world["queries"], shard_docs=3, seed=9, quiet=True)
+
+
+def test_variants_follow_the_ladder(world, tmp_path):
+    vecs, manifests = {}, {}
+    for variant in ("dot", "opt", "opt-norm", "train-r", "trackstar"):
+        out = build_index(world["model"], world["corpus"], tmp_path / variant, optimizer_state=world["optimizer"],
+                          proj_dim=1024, variant=variant, eval_queries=world["queries"], quiet=True)
+        idx = open_index(out)
+        manifests[variant], vecs[variant] = idx.manifest, _all_vectors(idx)
+    expect = {
+        "dot": (False, False, "none"), "opt": (True, False, "none"), "opt-norm": (True, True, "none"),
+        "train-r": (True, True, "train"), "trackstar": (True, True, "mixed"),
+    }
+    for variant, (corr, unit, pre) in expect.items():
+        m = manifests[variant]
+        assert (m["variant"], m["optimizer_correction"], m["unit_norm"], m["preconditioner"]["kind"]) == (variant, corr, unit, pre)
+        assert m["normalizer"]["kind"] == ("torch_adafactor" if corr else "none")
+    assert manifests["trackstar"]["preconditioner"]["lambda"] is not None
+    # each rung changes the vectors
+    names = list(expect)
+    for a, b in zip(names, names[1:]):
+        assert not np.allclose(vecs[a], vecs[b], atol=1e-3), (a, b)
+    # opt-norm is opt, unit-normalised
+    opt = vecs["opt"] / np.linalg.norm(vecs["opt"], axis=1, keepdims=True)
+    np.testing.assert_allclose(vecs["opt-norm"], opt, atol=2e-3)
+
+
+def test_refit_equals_fresh_build(world, tmp_path):
+    kw = dict(optimizer_state=world["optimizer"], proj_dim=1024, quiet=True)
+    base = build_index(world["model"], world["corpus"], tmp_path / "train", preconditioner="train", **kw)
+    fresh = build_index(world["model"], world["corpus"], tmp_path / "fresh", eval_queries=world["queries"], lam=0.7, **kw)
+    refitted = refit(base, tmp_path / "refit", eval_queries=world["queries"], lam=0.7, quiet=True)
+    a, b = open_index(fresh), open_index(refitted)
+    assert b.manifest["preconditioner"]["kind"] == "mixed" and b.manifest["preconditioner"]["lambda"] == 0.7
+    np.testing.assert_allclose(_all_vectors(a), _all_vectors(b), atol=1e-5)
+    qs = read_queries(world["queries"])
+    np.testing.assert_allclose(a.query_vectors(qs), b.query_vectors(qs), atol=1e-5)
+
+
+# --- bad input through the CLI -----------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tracestar", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "lines, where",
+    [
+        (['{"id": "a", "text": "the city"}', '{"id": "b", "text": "the river"', '{"text": "x"}'], (2, None)),
+        (['{"id": "a", "text": "the city"}', '{"id": "b", "body": "the river"}'], (2, "text")),
+        (['{"id": "a", "text": "the city"}', '{"id": "b", "text": "   "}'], (2, "text")),
+        (['{"id": "a", "text": "the city"}', '{"id": "a", "text": "the river"}'], (2, "id")),
+    ],
+    ids=["malformed-json", "missing-text", "empty-text", "duplicate-id"],
+)
+def test_bad_corpus_is_one_line_error_and_leaves_nothing(world, tmp_path, lines, where):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "index"
+    proc = _cli("index", "--model", str(world["model"]), "--corpus", str(corpus), "--out", str(out), "--quiet")
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    line, field = where
+    assert f"{corpus}:{line}:" in err[0]
+    if field:
+        assert f"field '{field}'" in err[0]
+    assert not out.exists()
+
+
+def test_query_without_target_is_refused(world, built, tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "q0", "prompt": "the capital of france is", "target": " paris"}\n{"id": "q1", "prompt": "x"}\n')
+    for args in (
+        ["query", "--index", str(built), "--queries", str(q), "--out", str(tmp_path / "r.jsonl")],
+        ["index", "--model", str(world["model"]), "--corpus", str(world["corpus"]), "--out", str(tmp_path / "i"), "--eval-queries", str(q)],
+    ):
+        proc = _cli(*args)
+        assert proc.returncode != 0
+        assert proc.stderr.strip().count("\n") == 0 and f"{q}:2: field 'target': missing" in proc.stderr
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "i").exists()
+
+
+def test_cli_index_and_query(world, tmp_path):
+    out, res = tmp_path / "index", tmp_path / "results.jsonl"
+    proc = _cli("index", "--model", str(world["model"]), "--corpus", str(world["corpus"]), "--out", str(out),
+                "--optimizer-state", str(world["optimizer"]), "--proj-dim", "1024", "--blocks", "module", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli("query", "--index", str(out), "--queries", str(world["queries"]), "--out", str(res), "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in res.read_text().splitlines()]
+    assert [r["query_id"] for r in rows] == [f"q{i}" for i in range(len(tiny.FACTS))]
+    assert set(rows[0]) == {"query_id", "proponents", "opponents"}
+    assert len(rows[0]["proponents"]) == 2 and set(rows[0]["proponents"][0]) == {"doc_id", "score"}
+    assert rows[0]["opponents"][0]["score"] <= rows[0]["opponents"][1]["score"]

@@ -1,0 +1,93 @@
+"""R: statistics, λ by spectrum matching, R^{-1/2}, and the template effect of mixing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tracestar.build import finalize_vectors
+from tracestar.preconditioner import RStats, auto_lambda, component_index, fit, inv_sqrt, r_ranges, spectrum
+from tracestar.projection import Block
+
+
+def test_ranges_cover_blocks_without_crossing():
+    blocks = [Block("a", 50, [], 0), Block("b", 10, [], 2500)]
+    ranges = r_ranges(blocks, r_block=1000)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 2600
+    assert all(e - s <= 1000 for s, e in ranges)
+    assert all(s == e0 for (_, e0), (s, _) in zip(ranges, ranges[1:]))
+    assert (2500, 2600) in ranges  # block b is its own range
+
+
+def test_stats_are_sums_that_add_up():
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(40, 12, generator=gen)
+    whole = RStats([(0, 5), (5, 12)])
+    whole.update(v)
+    half1, half2 = RStats([(0, 5), (5, 12)]), RStats([(0, 5), (5, 12)])
+    half1.update(v[:25])
+    half2.update(v[25:])
+    others = iter(half2.sums + [half2.count])  # what the other rank holds, in reduce order
+    half1.all_reduce(lambda t: t.add_(next(others)))
+    for a, b in zip(whole.means(), half1.means()):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(whole.means()[0], (v[:, :5].double().T @ v[:, :5].double()) / 40)
+
+
+def test_inverse_square_root_whitens_the_damped_matrix():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 20, generator=gen, dtype=torch.float64)
+    r = x.T @ x / 30
+    damping = 0.1
+    m = inv_sqrt(r, damping).double()
+    evals = torch.linalg.eigvalsh(r)
+    shifted = r + damping * evals.mean() * torch.eye(20, dtype=torch.float64)
+    assert torch.allclose(m @ shifted @ m, torch.eye(20, dtype=torch.float64), atol=1e-5)
+
+
+def test_auto_lambda_matches_hand_computation():
+    # diagonal statistics: the spectra are the diagonals, sorted
+    train = RStats([(0, 4)])
+    train.sums = [torch.diag(torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64))]
+    train.count = torch.tensor(1.0, dtype=torch.float64)
+    evals = RStats([(0, 4)])
+    evals.sums = [torch.diag(torch.tensor([0.5, 30.0, 0.25, 2.0], dtype=torch.float64))]
+    evals.count = torch.tensor(2.0, dtype=torch.float64)  # mean: [0.25, 15, 0.125, 1]
+    st, se = spectrum(train.means()), spectrum(evals.means())
+    assert st.tolist() == [8.0, 4.0, 2.0, 1.0] and se.tolist() == [15.0, 1.0, 0.25, 0.125]
+    lam, used = auto_lambda(st, se, index=1)
+    assert used == 1 and abs(lam - 4.0 / (4.0 + 1.0)) < 1e-12  # λ·1 = (1 − λ)·4
+    pre = fit("mixed", train, evals, dim=4)
+    assert pre.info["component_index"] == component_index(4) == 0
+    assert abs(pre.lam - 8.0 / (8.0 + 15.0)) < 1e-12
+    assert component_index(65536) == 999
+
+
+def test_mixing_downweights_a_shared_template_direction():
+    """Every eval query = 3·template + its own direction; the mixed R must favour the specific doc."""
+    d, n_q = 32, 8
+    gen = torch.Generator().manual_seed(2)
+    template = torch.zeros(d)
+    template[-1] = 1.0
+    specific = torch.eye(d)[:n_q]  # [n_q, d]
+    queries = 3.0 * template + specific  # [n_q, d]
+    train_docs = torch.randn(400, d, generator=gen)
+    docs = torch.cat([template[None] + 0.05 * torch.randn(1, d, generator=gen), specific + 0.05 * torch.randn(n_q, d, generator=gen)])
+    ranges = [(0, d)]
+    train, evals = RStats(ranges), RStats(ranges)
+    train.update(train_docs)
+    evals.update(queries)
+
+    def scores(pre):
+        q = finalize_vectors(queries, pre, True)
+        x = finalize_vectors(docs, pre, True)
+        return q @ x.T  # [n_q, 1 + n_q]
+
+    plain = scores(fit("none", None))
+    mixed = scores(fit("mixed", train, evals, lam=0.9, damping=0.01))
+    trained = scores(fit("train", train, damping=0.01))
+    for i in range(n_q):
+        assert plain[i].argmax() == 0  # unweighted: the template document wins
+        assert mixed[i].argmax() == 1 + i  # mixed R: the query-specific document wins
+        assert mixed[i, 0] < plain[i, 0] / 2  # the template's share of the score dropped
+    assert (trained[:, 0] > trained[torch.arange(n_q), 1 + torch.arange(n_q)]).all()  # R_train alone does not see the template
