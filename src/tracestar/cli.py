@@ -25,6 +25,57 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # === world / train (tracestar.world) ===
 
+
+def _add_world(sub) -> None:
+    p = sub.add_parser("world", help="write the built-in fact world (corpus, queries, facts)")
+    p.add_argument("--out", required=True, help="directory for corpus.jsonl, queries.jsonl, facts.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", choices=["full", "small"], default="full")
+    p.set_defaults(func=_run_world)
+
+
+def _run_world(args) -> int:
+    import json
+
+    from tracestar.world import make_world
+
+    paths = make_world(args.out, seed=args.seed, scale=args.scale)
+    with open(paths.corpus, encoding="utf-8") as fh:
+        n_docs = sum(1 for _ in fh)
+    with open(paths.queries, encoding="utf-8") as fh:
+        relations = [json.loads(line)["relation"] for line in fh]
+    n_queries = len(relations)
+    relations = set(relations)
+    print(f"corpus   {paths.corpus}  ({n_docs} documents)")
+    print(f"queries  {paths.queries}  ({n_queries} queries, {len(relations)} relations)")
+    print(f"facts    {paths.facts}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a tiny GPT-2 on a corpus with Adafactor (saves optimizer state)")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True, help="model directory (HF format + optimizer.pt + train_log.json)")
+    p.add_argument("--queries", default=None, help="queries to report first-token accuracy on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=6.0, help="wall-clock cap; the schedule anneals within it")
+    p.add_argument("--force", action="store_true", help="retrain even if OUT holds the same finished run")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from tracestar.world import train_model
+
+    log = train_model(args.corpus, args.out, queries_path=args.queries, seed=args.seed,
+                      max_minutes=args.max_minutes, force=args.force)
+    state = "cached" if log["cached"] else ("stopped by the clock" if log["stopped_early"] else "done")
+    print(f"model    {args.out}  ({log['n_params']:,} parameters, {state})")
+    print(f"steps    {log['steps']} of {log['planned_steps']}, {log['epochs_run']} epochs, final loss {log['final_loss']:.3f}")
+    if log["first_token_accuracy"] is not None:
+        print(f"accuracy {log['first_token_accuracy']:.1%} first-token on {args.queries}")
+    print(f"time     {log['seconds']:.0f} s")
+    return 0
+
 # === index / query / refit (tracestar.api) ===
 
 
@@ -193,7 +244,7 @@ def _run_report(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_index, _add_query, _add_refit, _add_report]
+_COMMANDS: list = [_add_world, _add_train, _add_index, _add_query, _add_refit, _add_report]
 _COMMANDS += [_add_eval, _add_demo]
 
 
