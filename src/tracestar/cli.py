@@ -223,6 +223,42 @@ def _run_demo(args) -> int:
 # === explain / report (tracestar.explain, tracestar.report) ===
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="exact per-token contributions of one document to its score for a query")
+    p.add_argument("--index", required=True)
+    p.add_argument("--doc-id", required=True)
+    p.add_argument("--query-id", help="a query of --queries")
+    p.add_argument("--queries", help="QUERIES.jsonl holding --query-id")
+    p.add_argument("--prompt")
+    p.add_argument("--target")
+    p.add_argument("--model", help="model directory (default: the manifest's)")
+    p.add_argument("--json", action="store_true", help="print {doc_id, doc_score, tokens: [{token, score}]}")
+    p.set_defaults(func=_run_explain)
+
+
+def _run_explain(args) -> int:
+    import json
+
+    from tracestar.corpus import Query
+    from tracestar.explain import explain
+
+    query = None
+    if args.prompt is not None or args.target is not None:
+        if args.target is None:
+            raise UserError("--prompt needs --target")
+        query = Query("cli", args.prompt or "", args.target)
+    att = explain(args.index, args.doc_id, query=query, queries_path=args.queries, query_id=args.query_id, model_dir=args.model)
+    if args.json:
+        print(json.dumps(att.to_json(), ensure_ascii=False))
+        return 0
+    print(f"{att.doc_id}: score {att.doc_score:+.5f} (sum of tokens {sum(s for _, s in att.tokens):+.5f})")
+    top = sorted(att.tokens, key=lambda ts: -abs(ts[1]))[:15]
+    for token, score in top:
+        print(f"  {score:+.5f}  {token!r}")
+    return 0
+
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report of proponents and opponents")
     p.add_argument("--results", required=True, help="RESULTS.jsonl written by `tracestar query`")
@@ -244,7 +280,7 @@ def _run_report(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_world, _add_train, _add_index, _add_query, _add_refit, _add_report]
+_COMMANDS: list = [_add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_report]
 _COMMANDS += [_add_eval, _add_demo]
 
 
