@@ -220,6 +220,29 @@ def _run_demo(args) -> int:
 
 # === compress (tracestar.index.compress) ===
 
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="write an int8 or FAISS-PQ compressed form beside the exact vectors")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--kind", required=True, choices=["int8", "pq"])
+    p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (default: dim/4)")
+    p.add_argument("--nbits", type=int, default=8, help="PQ bits per sub-quantizer (default 8)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: IVF-PQ above 50k rows)")
+    p.add_argument("--drop-exact", action="store_true", help="delete vectors/ shards afterwards (scores become approximate)")
+    p.set_defaults(func=_run_compress)
+
+
+def _run_compress(args) -> int:
+    from tracestar.index.compress import compress
+
+    entry = compress(args.index, args.kind, m=args.m, nbits=args.nbits, nlist=args.nlist, drop_exact=args.drop_exact)
+    extra = f", m={entry['m']} nbits={entry['nbits']}" + (f" nlist={entry['nlist']}" if entry.get("nlist") else "") if args.kind == "pq" else ""
+    print(f"{args.index}: {args.kind} written, {entry['bytes_per_doc']} bytes/doc{extra} ({entry['seconds']:.1f} s)")
+    if args.drop_exact:
+        print(f"{args.index}: vectors/ shards dropped; search scores are now approximate")
+    return 0
+
+
 # === explain / report (tracestar.explain, tracestar.report) ===
 
 
@@ -280,7 +303,7 @@ def _run_report(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_report]
+_COMMANDS: list = [_add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_report, _add_compress]
 _COMMANDS += [_add_eval, _add_demo]
 
 
