@@ -32,7 +32,7 @@ from tracestar.index.store import IndexStore, as_float32
 
 # Rows per chunk are chosen so one chunk of stored vectors is about this many bytes: big enough to
 # amortise per-call overhead, small enough to stay in the last-level cache for the exact re-score.
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 32 << 20
 
 # Relative output-rounding error of a matmul whose result is stored in the given dtype
 # (half an ulp, with slack for the conversion of the accumulator).

@@ -1,0 +1,164 @@
+"""Search at scale: exact scan throughput vs memory bandwidth, and compressed forms vs exact.
+
+    python bench/search.py                      # synthetic: ~1.5 GB index per dtype + compressed table
+    python bench/search.py --index DIR --queries Q.jsonl   # compressed table on a real index
+
+Prints ratios (scan GB/s ÷ memory bandwidth measured in the same run; latency ÷ exact latency),
+not bare wall times: the machine is shared and absolute times move with its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tracestar.index import store as st
+from tracestar.index.compress import compress, search_compressed
+from tracestar.index.search import topk
+from tracestar.index.store import IndexStore
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bandwidth(gb: float = 1.0) -> dict:
+    a = torch.ones(int(gb * 1e9 / 4))
+    b = torch.empty_like(a)
+    read = a.numel() * 4 / best_time(lambda: a.sum()) / 1e9
+    copy = a.numel() * 4 / best_time(lambda: b.copy_(a)) / 1e9  # bytes copied (read + write = 2×)
+    return {"read_GBps": read, "copy_GBps": copy, "copy_rw_GBps": 2 * copy}
+
+
+def write_index(path: Path, n: int, d: int, dtype: str, shard_docs: int, seed: int = 0, x: np.ndarray | None = None) -> IndexStore:
+    rng = np.random.default_rng(seed)
+    shards = []
+    for s, lo in enumerate(range(0, n, shard_docs)):
+        rows = min(shard_docs, n - lo)
+        blk = x[lo : lo + rows] if x is not None else rng.standard_normal((rows, d), dtype=np.float32)
+        blk = blk / np.linalg.norm(blk, axis=1, keepdims=True)
+        sha = st.write_shard(path, "vectors", s, st.encode_dtype(blk, dtype))
+        shards.append({"name": st.shard_name(s), "start": lo, "rows": rows, "raw_sha256": None, "vectors_sha256": sha})
+    with open(path / st.DOCS, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"row": i, "doc_id": f"d{i}", "n_tokens": 1, "truncated": False}) + "\n")
+    st.write_manifest(path, {"dim": d, "dtype": dtype, "unit_norm": True, "n_docs": n, "shard_docs": shard_docs, "shards": shards})
+    return IndexStore(path)
+
+
+def scan_table(args, bw: dict, tmp: Path) -> None:
+    d = args.dim
+    n = int(args.gb * 1e9 / (2 * d))
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((args.n_queries, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    print(f"\n## exact scan: {n} rows × D={d} ({n * d * 2 / 1e9:.2f} GB), {args.n_queries} queries, k=10, "
+          f"threads={torch.get_num_threads()}")
+    print("| stored | chunk rows | GB/s | ÷ read bw | ÷ copy bw (r+w) |")
+    print("|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        path = tmp / f"scan-{dtype}"
+        store = write_index(path, n, d, dtype, shard_docs=max(1, (256 << 20) // (2 * d)))
+        store.verify()
+        for chunk in args.chunks:
+            sec = best_time(lambda: topk(store, q, 10, chunk_rows=chunk, verify=False), args.repeats)
+            gbs = n * d * 2 / sec / 1e9
+            print(f"| {dtype} | {chunk or 'auto'} | {gbs:.2f} | {gbs / bw['read_GBps']:.2f} | {gbs / bw['copy_rw_GBps']:.2f} |", flush=True)
+        shutil.rmtree(path)
+
+
+def compressed_table(store: IndexStore, q: np.ndarray, args, label: str) -> None:
+    dtype_bytes = 2 if store.manifest.get("dtype") in ("float16", "bfloat16") else 4
+    fp_bytes = store.dim * dtype_bytes
+    exact_t = best_time(lambda: topk(store, q, 10, verify=False), args.repeats)
+    ex = topk(store, q, 10, verify=False)
+
+    def ov(a, b):
+        return float(np.mean([len(set(r) & set(s)) / len(s) for r, s in zip(a, b)]))
+
+    print(f"\n## compressed forms ({label}: {store.n_rows} rows × D={store.dim}, {len(q)} queries, k=10)")
+    print(f"exact scan latency: 1.00 (reference); stored {store.manifest.get('dtype')} = {fp_bytes} bytes/doc")
+    print("| form | bytes/doc | ÷ stored bytes | top-10 overlap (prop) | (opp) | latency ÷ exact | build s |")
+    print("|---|---|---|---|---|---|---|")
+    forms = [("int8", {}), ("pq", {"m": args.pq_m, "niter": args.pq_niter})]
+    for form, kw in forms:
+        t0 = time.perf_counter()
+        entry = compress(store.path, form, **kw)
+        build = time.perf_counter() - t0
+        store = IndexStore(store.path)
+        bpd = entry.get("code_bytes_per_doc", entry["bytes_per_doc"])
+        for rerank in (0, None):
+            r = search_compressed(store, q, 10, rerank=rerank, form=form, verify=False)
+            t = best_time(lambda: search_compressed(store, q, 10, rerank=rerank, form=form, verify=False), args.repeats)
+            name = f"{form}{'' if rerank == 0 else ' + rerank ' + str(max(100, 10 * 10))}"
+            mstr = f" (m={entry['m']})" if form == "pq" else ""
+            print(f"| {name}{mstr} | {bpd} | {bpd / fp_bytes:.3f} | {ov(r.prop_rows, ex.prop_rows):.3f} | "
+                  f"{ov(r.opp_rows, ex.opp_rows):.3f} | {t / exact_t:.2f} | {build:.1f} |", flush=True)
+
+
+def clustered(n: int, d: int, n_q: int, seed: int = 0, clusters: int = 64, noise: float = 0.7):
+    rng = np.random.default_rng(seed)
+    cent = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = cent[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.integers(0, n, n_q)] + 0.5 * rng.standard_normal((n_q, d), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return x, q.astype(np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=16384)
+    ap.add_argument("--gb", type=float, default=1.5, help="size of each synthetic scan index")
+    ap.add_argument("--n-queries", type=int, default=32)
+    ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    ap.add_argument("--chunks", nargs="+", type=int, default=[0], help="chunk rows to try (0 = auto)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--comp-rows", type=int, default=20000)
+    ap.add_argument("--comp-dim", type=int, default=1024)
+    ap.add_argument("--pq-m", type=int, default=None)
+    ap.add_argument("--pq-niter", type=int, default=10)
+    ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--index", help="a real index directory (compressed table only; it is modified: compressed/ added)")
+    ap.add_argument("--queries", help="query JSONL for --index")
+    ap.add_argument("--tmp", default=None)
+    args = ap.parse_args()
+    args.chunks = [c or None for c in args.chunks]
+
+    bw = bandwidth()
+    print(f"memory bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
+          f"({bw['copy_rw_GBps']:.1f} GB/s read+write)")
+    tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="tracestar-bench-"))
+    try:
+        if args.index:
+            from tracestar.api import open_index  # written alongside; see docs/ARCHITECTURE.md
+
+            idx = open_index(args.index)
+            q = np.asarray(idx.query_vectors(args.queries), dtype=np.float32)
+            compressed_table(IndexStore(args.index), q, args, f"index {args.index}")
+            return
+        if not args.skip_scan:
+            scan_table(args, bw, tmp)
+        x, q = clustered(args.comp_rows, args.comp_dim, args.n_queries)
+        path = tmp / "comp"
+        store = write_index(path, len(x), x.shape[1], "float16", shard_docs=8192, x=x)
+        compressed_table(store, q, args, "synthetic clustered")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
