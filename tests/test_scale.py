@@ -1,0 +1,84 @@
+"""Resumable and distributed builds produce the same index as one uninterrupted process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+
+
+def _npy_bytes(index: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(index)): p.read_bytes() for p in sorted(index.rglob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def big_corpus(world, tmp_path_factory):
+    """The world's texts repeated into 60 documents, so a build has many shards to interrupt."""
+    texts = [f"{t} {i % 7}" for i, t in enumerate((tiny.FACTS + tiny.FILLER) * 6)]
+    return tiny.write_corpus(tmp_path_factory.mktemp("big") / "corpus.jsonl", texts)
+
+
+def _index_cmd(world, corpus, out, *extra) -> list[str]:
+    return ["-m", "tracestar", "index", "--model", str(world["model"]), "--corpus", str(corpus), "--out", str(out),
+            "--optimizer-state", str(world["optimizer"]), "--proj-dim", "1024", "--shard-docs", "2",
+            "--eval-queries", str(world["queries"]), "--quiet", *extra]
+
+
+def _env(threads: int = 1) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def test_killed_build_resumes_to_the_same_bytes(world, big_corpus, tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, *_index_cmd(world, big_corpus, reference)], check=True, env=_env())
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, *_index_cmd(world, big_corpus, out)], env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "raw").glob("*.json"))) < 3 if (out / "raw").exists() else time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
+    done_before = len(list((out / "raw").glob("*.json")))
+    assert 0 < done_before < 30
+    rerun = subprocess.run([sys.executable, *_index_cmd(world, big_corpus, out)], env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _npy_bytes(out) == _npy_bytes(reference)
+    assert (out / "docs.jsonl").read_text() == (reference / "docs.jsonl").read_text()
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_rerun_with_other_arguments_is_refused(world, big_corpus, tmp_path):
+    out = tmp_path / "index"
+    out.mkdir()
+    (out / "build.json").write_text(json.dumps({"seed": 123}))
+    proc = subprocess.run([sys.executable, *_index_cmd(world, big_corpus, out)], env=_env(), capture_output=True, text=True)
+    assert proc.returncode != 0 and "different arguments" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = subprocess.run([sys.executable, *_index_cmd(world, big_corpus, out, "--overwrite")], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "manifest.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_torchrun_build_equals_one_process(world, big_corpus, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *_index_cmd(world, big_corpus, one)], check=True, env=_env())
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", *_index_cmd(world, big_corpus, two)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert m2["world_size"] == 2 and m1["world_size"] == 1
+    assert (one / "docs.jsonl").read_text() == (two / "docs.jsonl").read_text()
+    for a, b in zip(sorted((one / "vectors").glob("*.npy")), sorted((two / "vectors").glob("*.npy"))):
+        np.testing.assert_allclose(np.load(a).astype(np.float32), np.load(b).astype(np.float32), atol=1e-5)
+    assert m1["preconditioner"]["lambda"] == pytest.approx(m2["preconditioner"]["lambda"], rel=1e-6)
