@@ -82,3 +82,20 @@ def test_two_process_torchrun_build_equals_one_process(world, big_corpus, tmp_pa
     for a, b in zip(sorted((one / "vectors").glob("*.npy")), sorted((two / "vectors").glob("*.npy"))):
         np.testing.assert_allclose(np.load(a).astype(np.float32), np.load(b).astype(np.float32), atol=1e-5)
     assert m1["preconditioner"]["lambda"] == pytest.approx(m2["preconditioner"]["lambda"], rel=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_torchrun_query_equals_one_process(world, big_corpus, tmp_path):
+    index = tmp_path / "index"
+    subprocess.run([sys.executable, *_index_cmd(world, big_corpus, index)], check=True, env=_env())
+    args = ["-m", "tracestar", "query", "--index", str(index), "--queries", str(world["queries"]), "--top-k", "5"]
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.jsonl")], check=True, env=_env())
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", *args, "--out", str(tmp_path / "two.jsonl")],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [[p["doc_id"] for p in r["proponents"]] for r in one] == [[p["doc_id"] for p in r["proponents"]] for r in two]
+    assert [[p["doc_id"] for p in r["opponents"]] for r in one] == [[p["doc_id"] for p in r["opponents"]] for r in two]
+    for r1, r2 in zip(one, two):
+        np.testing.assert_allclose([p["score"] for p in r1["proponents"]], [p["score"] for p in r2["proponents"]], atol=1e-6)

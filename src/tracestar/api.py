@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tracestar import dist
 from tracestar.batching import encode_document
 from tracestar.build import BuildOptions, Tracer, build_index, finalize_vectors, refit  # noqa: F401 (re-exported)
 from tracestar.corpus import Query, read_queries, write_jsonl
@@ -121,8 +122,14 @@ def open_index(path: str | Path) -> Index:
 
 
 def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False, rerank=None) -> list[dict]:
-    """`tracestar query`: read QUERIES.jsonl, write RESULTS.jsonl (one object per query, input order)."""
+    """`tracestar query`: read QUERIES.jsonl, write RESULTS.jsonl (one object per query, input order).
+
+    Under torchrun each rank scans its own shards and the lists are merged; rank 0 writes the file.
+    """
     queries = read_queries(queries_path)
+    dist.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
     results = open_index(index_dir).query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank)
-    write_jsonl(out, results)
+    if dist.rank() == 0:
+        write_jsonl(out, results)
+    dist.barrier()
     return results
