@@ -23,7 +23,7 @@ from tracestar.errors import UserError
 
 #: Per scale: trainer time cap (minutes), projection dim, tail-patch queries, trainer overrides.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"train_minutes": 4.5, "proj_dim": 4096, "tail_patch_queries": 100, "train": {}},
+    "full": {"train_minutes": 4.5, "proj_dim": 4096, "tail_patch_queries": 200, "train": {}},
     "small": {"train_minutes": 1.5, "proj_dim": 1024, "tail_patch_queries": 40,
               "train": {"d_model": 96, "epochs": 30}},
 }
@@ -88,8 +88,9 @@ def run_demo(
     stamp = wdir / "demo_world.json"
     key = {"seed": seed, "scale": scale}
     prev = _read_json(stamp)
-    if (prev and prev.get("key") == key and all(p.exists() for p in paths)
-            and prev.get("sha256") == {n: _sha256(p) for n, p in zip(("corpus", "queries"), paths[:2])}):
+    files = (paths.corpus, paths.queries, paths.facts)
+    if (prev and prev.get("key") == key and all(p.exists() for p in files)
+            and prev.get("sha256") == {"corpus": _sha256(paths.corpus), "queries": _sha256(paths.queries)}):
         cached["world"] = True
     else:
         say(f"[1/4] world: generating the fact world (scale={scale}, seed={seed}) ...")

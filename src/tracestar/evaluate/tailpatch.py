@@ -110,7 +110,8 @@ class TailPatcher:
     """One model, one optimizer; `patched_logprobs(doc, queries)` = step, score, restore.
 
     `optimizer_state`: a path to a saved optimizer state_dict (torch Adafactor or Adam-like), a
-    loaded state_dict, or None (SGD, no state). `lr`: the step size; None → DEFAULT_LR.
+    loaded state_dict, or None (SGD, no state). `lr`: the step size; None → the lr stored in the
+    optimizer state (its last step's), else DEFAULT_LR.
     """
 
     def __init__(self, model, tokenizer, *, optimizer_state: str | Path | Mapping | None = None,
@@ -121,16 +122,18 @@ class TailPatcher:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_length = max_length or _max_length(model)
         self.batch_size = batch_size
-        self.lr = float(lr) if lr is not None else DEFAULT_LR
         sd = None
         self.optimizer_source = None
         if optimizer_state is not None:
             if isinstance(optimizer_state, (str, Path)):
                 self.optimizer_source = str(optimizer_state)
-                sd = torch.load(optimizer_state, map_location="cpu", weights_only=False)
+                sd = torch.load(optimizer_state, map_location="cpu", weights_only=True)
             else:
                 sd = optimizer_state
                 self.optimizer_source = "<state_dict>"
+        if lr is None and sd is not None:  # the lr of the optimizer's last step
+            lr = next((g.get("lr") for g in sd.get("param_groups", []) if isinstance(g.get("lr"), (int, float))), None)
+        self.lr = float(lr) if lr is not None else DEFAULT_LR
         if sd is None:
             self.optimizer_kind = "sgd"
             self.optimizer = torch.optim.SGD(self.params, lr=self.lr)
