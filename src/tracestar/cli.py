@@ -67,7 +67,7 @@ def _run_train(args) -> int:
     from tracestar.world import train_model
 
     log = train_model(args.corpus, args.out, queries_path=args.queries, seed=args.seed,
-                      max_minutes=args.max_minutes, force=args.force)
+                      max_minutes=args.max_minutes, force=args.force, verbose=True)
     state = "cached" if log["cached"] else ("stopped by the clock" if log["stopped_early"] else "done")
     print(f"model    {args.out}  ({log['n_params']:,} parameters, {state})")
     print(f"steps    {log['steps']} of {log['planned_steps']}, {log['epochs_run']} epochs, final loss {log['final_loss']:.3f}")
