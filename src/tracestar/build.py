@@ -525,9 +525,8 @@ def refit(
     if _prepare_dir(out, identity, overwrite):
         return out
     if dist.rank() == 0:
-        for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS] + [
-            f"{kind}/{p.name}" for kind in ("raw",) for p in sorted((src / kind).iterdir()) if not p.name.count(".tmp")
-        ]:
+        raw_files = [f"raw/{p.name}" for p in sorted((src / "raw").iterdir()) if ".tmp-" not in p.name]
+        for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS, *raw_files]:
             _link(src / rel, out / rel)
     dist.barrier()
     base = {k: manifest[k] for k in ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer", "optimizer_correction", "max_length", "shard_docs", "n_docs")}
