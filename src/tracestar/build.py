@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -316,19 +317,31 @@ def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: i
         _say(opts, f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
     update, close = _progress(todo_docs, opts.quiet, "indexing")
     todo_set = set(todo)
-    try:
-        for shard_no, docs in _shards(corpus, opts):
-            if shard_no not in todo_set:
-                continue
-            start = shard_no * opts.shard_docs
-            examples = [encode_document(tracer.tokenizer, d.text, start + i, opts.max_length) for i, d in enumerate(docs)]
-            raw = tracer.raw_vectors(capture, examples, opts, update)
-            sha = store.write_shard(out, "raw", shard_no, raw)
-            table = [[d.id, len(e.ids), e.truncated] for d, e in zip(docs, examples)]
-            store.write_json(_sidecar(out, "raw", shard_no), {"start": start, "rows": len(docs), "sha256": sha, "docs": table})
-    finally:
-        close()
+    # One writer thread: shard s is written (npy, then its sidecar) while shard s + 1 is computed.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        try:
+            for shard_no, docs in _shards(corpus, opts):
+                if shard_no not in todo_set:
+                    continue
+                start = shard_no * opts.shard_docs
+                examples = [encode_document(tracer.tokenizer, d.text, start + i, opts.max_length) for i, d in enumerate(docs)]
+                raw = tracer.raw_vectors(capture, examples, opts, update)
+                table = [[d.id, len(e.ids), e.truncated] for d, e in zip(docs, examples)]
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: memory stays one shard deep
+                pending = writer.submit(_write_raw_shard, out, shard_no, start, raw, table)
+            if pending is not None:
+                pending.result()
+        finally:
+            close()
     dist.barrier()
+
+
+def _write_raw_shard(out: Path, shard_no: int, start: int, raw: np.ndarray, table: list) -> None:
+    """The `.npy` first, then the sidecar that marks it complete (with its checksum)."""
+    sha = store.write_shard(out, "raw", shard_no, raw)
+    store.write_json(_sidecar(out, "raw", shard_no), {"start": start, "rows": len(table), "sha256": sha, "docs": table})
 
 
 def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer: Normalizer, opts: BuildOptions, n_docs: int) -> dict:
