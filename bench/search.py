@@ -21,6 +21,7 @@ import torch
 
 from tracestar.index import store as st
 from tracestar.index.compress import compress, search_compressed
+from tracestar.index import search as srch
 from tracestar.index.search import topk
 from tracestar.index.store import IndexStore
 
@@ -35,12 +36,43 @@ def best_time(fn, repeats: int = 3) -> float:
     return best
 
 
+def best_times(fns: dict, repeats: int = 3) -> dict:
+    """Best-of-`repeats` wall time of each fn, run round-robin so every one sees the same load."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+class Bandwidth:
+    """Memory bandwidth probes on a 1 GB float32 array (far beyond the caches).
+
+    read: `a.sum()` — reads every byte once, writes nothing (the fair ceiling for a scan, which
+    only reads). copy: `b.copy_(a)` counted as read + write bytes (2 × size).
+    """
+
+    def __init__(self, gb: float = 1.0):
+        self.a = torch.ones(int(gb * 1e9 / 4))
+        self.b = torch.empty_like(self.a)
+        self.nbytes = self.a.numel() * 4
+
+    def fns(self) -> dict:
+        return {"read": lambda: self.a.sum(), "copy": lambda: self.b.copy_(self.a)}
+
+    def gbps(self, best: dict) -> dict:
+        return {"read_GBps": self.nbytes / best["read"] / 1e9, "copy_rw_GBps": 2 * self.nbytes / best["copy"] / 1e9}
+
+
 def bandwidth(gb: float = 1.0) -> dict:
-    a = torch.ones(int(gb * 1e9 / 4))
-    b = torch.empty_like(a)
-    read = a.numel() * 4 / best_time(lambda: a.sum()) / 1e9
-    copy = a.numel() * 4 / best_time(lambda: b.copy_(a)) / 1e9  # bytes copied (read + write = 2×)
-    return {"read_GBps": read, "copy_GBps": copy, "copy_rw_GBps": 2 * copy}
+    bw = Bandwidth(gb)
+    out = bw.gbps(best_times(bw.fns()))
+    out["copy_GBps"] = out["copy_rw_GBps"] / 2
+    return out
 
 
 def write_index(path: Path, n: int, d: int, dtype: str, shard_docs: int, seed: int = 0, x: np.ndarray | None = None) -> IndexStore:
@@ -59,24 +91,57 @@ def write_index(path: Path, n: int, d: int, dtype: str, shard_docs: int, seed: i
     return IndexStore(path)
 
 
-def scan_table(args, bw: dict, tmp: Path) -> None:
+def matmul_only(store: IndexStore, q: np.ndarray, chunk: int | None) -> None:
+    """The scan's stored-dtype matmuls alone over the same mmapped shards (no top-k, no re-score)."""
+    stored = srch.stored_dtype_of(store, "vectors")
+    q_low = torch.from_numpy(q).to(torch.bfloat16 if stored == "bfloat16" else torch.float16)
+    rows = chunk or srch._default_chunk_rows(store.dim, 2)
+    for shard_no in range(len(store.shards)):
+        block = store.load_shard("vectors", shard_no, verify=False)
+        for lo in range(0, block.shape[0], rows):
+            srch._chunk_scores(q_low, srch._as_tensor(block[lo : lo + rows], stored))
+
+
+def scan_table(args, bw: Bandwidth, tmp: Path) -> None:
     d = args.dim
     n = int(args.gb * 1e9 / (2 * d))
     rng = np.random.default_rng(1)
     q = rng.standard_normal((args.n_queries, d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
+    flop_per_byte = 2 * args.n_queries / 2  # 2·Q flops per stored element of 2 bytes
     print(f"\n## exact scan: {n} rows × D={d} ({n * d * 2 / 1e9:.2f} GB), {args.n_queries} queries, k=10, "
           f"threads={torch.get_num_threads()}")
-    print("| stored | chunk rows | GB/s | ÷ read bw | ÷ copy bw (r+w) |")
-    print("|---|---|---|---|---|")
+    print("Bandwidth probes, the scans and the bare matmuls run round-robin (best of "
+          f"{args.repeats}), so each ratio compares runs under the same load. read bw = sum over 1 GB "
+          "(read only); copy bw counts read + write bytes. 'matmul only' = the stored-dtype matmuls "
+          "of the scan alone (its ceiling); 'inline' = the previous scan (exact re-score per chunk).")
+    print("| stored | chunk rows | method | GB/s | ÷ read bw | ÷ copy bw (r+w) | GFLOPS | re-scored rows | rescanned queries |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         path = tmp / f"scan-{dtype}"
         store = write_index(path, n, d, dtype, shard_docs=max(1, (256 << 20) // (2 * d)))
         store.verify()
         for chunk in args.chunks:
-            sec = best_time(lambda: topk(store, q, 10, chunk_rows=chunk, verify=False), args.repeats)
-            gbs = n * d * 2 / sec / 1e9
-            print(f"| {dtype} | {chunk or 'auto'} | {gbs:.2f} | {gbs / bw['read_GBps']:.2f} | {gbs / bw['copy_rw_GBps']:.2f} |", flush=True)
+            stats: dict = {}
+            fns = dict(bw.fns())
+            fns["scan"] = lambda: srch.topk(store, q, 10, chunk_rows=chunk, verify=False)
+            fns["matmul only"] = lambda: matmul_only(store, q, chunk)
+            if args.inline:
+                fns["inline"] = lambda: srch._finish(*srch._scan_inline(
+                    store, srch._check_queries(store, q), 10, list(range(len(store.shards))),
+                    kind="vectors", chunk_rows=chunk, verify=False), 10)
+            best = best_times(fns, args.repeats)
+            g = bw.gbps(best)
+            srch._scan(store, srch._check_queries(store, q), 10, list(range(len(store.shards))),
+                       kind="vectors", chunk_rows=chunk, verify=False, stats=stats)
+            for name in [m for m in ("scan", "inline", "matmul only") if m in best]:
+                gbs = n * d * 2 / best[name] / 1e9
+                extra = (f"{stats['rescored_rows'] / stats['rows']:.3%} | {stats['rescanned_queries']}"
+                         if name == "scan" else "— | —")
+                print(f"| {dtype} | {chunk or 'auto'} | {name} | {gbs:.2f} | {gbs / g['read_GBps']:.2f} | "
+                      f"{gbs / g['copy_rw_GBps']:.2f} | {gbs * flop_per_byte:.0f} | {extra} |", flush=True)
+            print(f"| {dtype} | {chunk or 'auto'} | (bandwidth this round) | read {g['read_GBps']:.1f} | "
+                  f"copy r+w {g['copy_rw_GBps']:.1f} | | | | |", flush=True)
         shutil.rmtree(path)
 
 
@@ -127,20 +192,23 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     ap.add_argument("--chunks", nargs="+", type=int, default=[0], help="chunk rows to try (0 = auto)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--inline", action="store_true", help="also time the previous inline re-score scan")
     ap.add_argument("--comp-rows", type=int, default=20000)
     ap.add_argument("--comp-dim", type=int, default=1024)
     ap.add_argument("--pq-m", type=int, default=None)
     ap.add_argument("--pq-niter", type=int, default=10)
     ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--skip-compressed", action="store_true")
     ap.add_argument("--index", help="a real index directory (compressed table only; it is modified: compressed/ added)")
     ap.add_argument("--queries", help="query JSONL for --index")
     ap.add_argument("--tmp", default=None)
     args = ap.parse_args()
     args.chunks = [c or None for c in args.chunks]
 
-    bw = bandwidth()
-    print(f"memory bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
-          f"({bw['copy_rw_GBps']:.1f} GB/s read+write)")
+    bw = Bandwidth()
+    g = bw.gbps(best_times(bw.fns()))
+    print(f"memory bandwidth: read (sum) {g['read_GBps']:.1f} GB/s, copy {g['copy_rw_GBps'] / 2:.1f} GB/s "
+          f"({g['copy_rw_GBps']:.1f} GB/s read+write)")
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="tracestar-bench-"))
     try:
         if args.index:
@@ -152,6 +220,8 @@ def main() -> None:
             return
         if not args.skip_scan:
             scan_table(args, bw, tmp)
+        if args.skip_compressed:
+            return
         x, q = clustered(args.comp_rows, args.comp_dim, args.n_queries)
         path = tmp / "comp"
         store = write_index(path, len(x), x.shape[1], "float16", shard_docs=8192, x=x)

@@ -241,3 +241,56 @@ def test_distributed_equals_single_process(tmp_path, data):
         np.testing.assert_array_equal(r.opp_rows, single.opp_rows)
         np.testing.assert_allclose(r.prop_scores, single.prop_scores, atol=1e-6)
         np.testing.assert_allclose(r.opp_scores, single.opp_scores, atol=1e-6)
+
+
+# --- deferred re-score: ties, certificate fallback, non-unit vectors ------------------------------
+
+
+def _assert_matches_brute_force(store: IndexStore, q: np.ndarray, k: int, **kw) -> None:
+    bf = brute_force(store, q)
+    order = np.argsort(-bf, axis=1, kind="stable")
+    r = topk(store, q, k, **kw)
+    np.testing.assert_array_equal(r.prop_rows, order[:, :k])
+    np.testing.assert_allclose(r.prop_scores, np.take_along_axis(bf, order[:, :k], 1), atol=1e-5, rtol=1e-6)
+    np.testing.assert_array_equal(r.opp_rows, order[:, ::-1][:, :k])
+    np.testing.assert_allclose(r.opp_scores, np.take_along_axis(bf, order[:, ::-1][:, :k], 1), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_duplicate_rows_tie_like_a_stable_sort(tmp_path, data, dtype):
+    x, q = data
+    rng = np.random.default_rng(5)
+    x = np.concatenate([x[:300], x[rng.integers(0, 300, 300)]])  # exact duplicates: equal scores
+    store = make_index(tmp_path / "idx", x, dtype, shard_docs=128)
+    for chunk in (None, 50):
+        _assert_matches_brute_force(store, q, 12, chunk_rows=chunk)
+
+
+def test_certificate_failure_rescans(tmp_path, data, monkeypatch):
+    from tracestar.index import search as srch
+
+    x, q = data
+    store = make_index(tmp_path / "idx", x, "bfloat16", shard_docs=200)
+    monkeypatch.setitem(srch._MARGIN, "bfloat16", 0)  # lists of exactly k: the band overflows them
+    stats: dict = {}
+    srch._scan(store, q, 10, list(range(len(store.shards))), kind="vectors", chunk_rows=64, verify=True, stats=stats)
+    assert stats["rescanned_queries"] > 0
+    _assert_matches_brute_force(store, q, 10, chunk_rows=64)
+    monkeypatch.undo()
+    stats = {}
+    srch._scan(store, q, 10, list(range(len(store.shards))), kind="vectors", chunk_rows=None, verify=True, stats=stats)
+    assert stats["rescanned_queries"] == 0 and stats["rescored_rows"] < stats["rows"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_non_unit_vectors_and_fp16_overflow(tmp_path, data, dtype):
+    x, q = data
+    rng = np.random.default_rng(7)
+    scale = rng.uniform(0.5, 400.0, size=(len(x), 1)).astype(np.float32)  # 400² overflows fp16 scores
+    store = make_index(tmp_path / "idx", x * scale, dtype, shard_docs=200)
+    man = json.loads((store.path / "manifest.json").read_text())
+    man["unit_norm"] = False
+    st.write_manifest(store.path, man)
+    store = IndexStore(store.path)
+    for chunk in (None, 64):  # scores up to ~1e5: fp32 agreement is relative there
+        _assert_matches_brute_force(store, q * 2000.0, 10, chunk_rows=chunk)

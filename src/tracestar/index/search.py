@@ -10,10 +10,13 @@ How a chunk is scored (measured on a 2-core AVX512-BF16/FP16 CPU, see bench/sear
   below memory bandwidth); the matmul runs in the stored dtype (oneDNN has native bf16 and fp16
   kernels with fp32 accumulation), the query rounded to the same dtype. That score is approximate
   (query rounding, output rounding), with a per-query error bound `e(s) = a_q·‖x‖ + rel·|s|`.
-  Every row whose approximate score could, within that bound, still enter the running top-k is
-  re-scored exactly in float32 (decode of just those rows, still hot in cache) and only exact
-  scores are merged. So the result equals a float32 brute force over the decoded stored vectors,
-  and the re-scoring touches a handful of rows per chunk once the running threshold has settled.
+  The scan keeps only approximate top-(k + margin) lists per query (for s and −s); no exact work
+  runs per chunk. Afterwards the listed rows whose bound reaches the k-th best are re-scored once
+  in float32 (a sorted gather from the mmaps), and each query gets a certificate: the k-th exact
+  score beats the upper bound of every row outside its list. Queries without one (the error band
+  held more rows than the margin) are rescanned with inline re-scoring (`_scan_inline`). So the
+  result equals a float32 brute force over the decoded stored vectors, ties broken by row like a
+  stable sort, and the scan itself costs about the bare stored-dtype matmuls (bench/search.py).
 
 Distributed (`topk_distributed`): under torch.distributed rank r scans shards s ≡ r (mod world) and
 the per-rank lists are all-gathered and merged, which gives the single-process answer.
@@ -93,10 +96,16 @@ def _default_chunk_rows(dim: int, itemsize: int) -> int:
 
 
 class _RunningTopK:
-    """Per-query running top-k of exact scores (largest), with their global rows."""
+    """Per-query running top-k of exact scores (largest), with their global rows.
 
-    def __init__(self, n_queries: int, k: int):
+    `ties`: None keeps whichever tied entries torch.topk picks (fast; approximate candidate lists);
+    "asc" / "desc" breaks equal scores by ascending / descending row, which is the order a stable
+    sort of a brute force gives for proponents / opponents (exact duplicates in a corpus tie).
+    """
+
+    def __init__(self, n_queries: int, k: int, ties: str | None = None):
         self.k = k
+        self.ties = ties
         self.vals = torch.full((n_queries, k), -float("inf"))
         self.rows = torch.full((n_queries, k), -1, dtype=torch.int64)
 
@@ -112,10 +121,35 @@ class _RunningTopK:
             return
         if rows.dim() == 1:
             rows = rows.unsqueeze(0).expand(vals.shape[0], -1)
-        all_vals = torch.cat([self.vals, vals], dim=1)
+        all_vals = torch.cat([self.vals, vals.float()], dim=1)
         all_rows = torch.cat([self.rows, rows], dim=1)
-        top, idx = torch.topk(all_vals, self.k, dim=1, largest=True, sorted=True)
-        self.vals, self.rows = top, torch.gather(all_rows, 1, idx)
+        if self.ties is None:
+            top, idx = torch.topk(all_vals, self.k, dim=1, largest=True, sorted=True)
+            self.vals, self.rows = top, torch.gather(all_rows, 1, idx)
+            return
+        # rows first (padding −1 rows carry −inf, so they never outrank a real row), then a stable
+        # sort by score: equal scores stay in row order.
+        o = torch.argsort(all_rows, dim=1, descending=self.ties == "desc", stable=True)
+        all_vals, all_rows = torch.gather(all_vals, 1, o), torch.gather(all_rows, 1, o)
+        o = torch.argsort(all_vals, dim=1, descending=True, stable=True)[:, : self.k]
+        self.vals, self.rows = torch.gather(all_vals, 1, o), torch.gather(all_rows, 1, o)
+
+
+# Candidates kept per query and side during a low-precision scan, beyond k. The approximate scores
+# carry a worst-case error bound (query rounding × ‖x‖ + output rounding); every row whose bound
+# overlaps the k-th best must be re-scored. For unit vectors at D ≈ 16k that band holds a few rows
+# for fp16 and ~100 for bf16 (rounding 8× coarser); a query whose band overflows the list is
+# rescanned (`_scan_inline`), so the margin only trades list upkeep against rescans.
+_MARGIN = {"float16": 64, "bfloat16": 256}
+
+
+def _chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    """[Q, C] float32 scores of the low-precision query against a stored chunk (stored dtype matmul).
+
+    X·qᵀ with the big chunk as the row-major source operand: oneDNN then repacks only the small
+    query panel per call (not the chunk), which measured a little faster than q·Xᵀ for bf16.
+    """
+    return torch.mm(xc, q_low.T).T.float()
 
 
 def _scan(
@@ -127,11 +161,145 @@ def _scan(
     kind: str,
     chunk_rows: int | None,
     verify: bool,
+    stats: dict | None = None,
 ) -> tuple[_RunningTopK, _RunningTopK]:
-    """Stream the given shards; returns running top-k of s (proponents) and of −s (opponents)."""
+    """Stream the given shards; returns exact running top-k of s (proponents) and of −s (opponents).
+
+    float32 shards: exact fp32 matmul per chunk. float16 / bfloat16: one pass of stored-dtype
+    matmuls keeping approximate top-(k + margin) lists only (no per-chunk exact work), then one
+    exact float32 re-score of the candidates whose error bound reaches the k-th best, and a
+    certificate per query that no row outside the lists can enter; queries without a certificate
+    are rescanned with inline exact re-scoring. The result equals a float32 brute force either way.
+    """
     stored = stored_dtype_of(store, kind)
     n_q = q.shape[0]
-    props, opps = _RunningTopK(n_q, k), _RunningTopK(n_q, k)
+    if k == 0 or n_q == 0:
+        return _RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")
+    if stored == "float32":
+        return _scan_inline(store, q, k, shard_nos, kind=kind, chunk_rows=chunk_rows, verify=verify)
+
+    q32 = torch.from_numpy(q)
+    tdt = torch.bfloat16 if stored == "bfloat16" else torch.float16
+    q_low = q32.to(tdt)
+    # ‖q − round(q)‖ bounds the query-rounding error of a dot with x by ‖x‖·a (Cauchy–Schwarz).
+    a_q = (q32 - q_low.float()).norm(dim=1) + 1e-6 * q32.norm(dim=1)  # + accumulation slack
+    rel = _REL_OUT[stored]
+    unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
+    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, 2)
+    n_total = sum(int(store.shards[s]["rows"]) for s in shard_nos)
+    m = min(n_total, k + _MARGIN.get(stored, 64))
+    lists = [_RunningTopK(n_q, m), _RunningTopK(n_q, m)]  # approximate: s and −s
+    xn_max = 1.01 if unit else 0.0
+
+    for shard_no in shard_nos:
+        start = int(store.shards[shard_no]["start"])
+        block = store.load_shard(kind, shard_no, verify=verify)
+        n = block.shape[0]
+        for lo in range(0, n, rows_per_chunk):
+            hi = min(n, lo + rows_per_chunk)
+            xc = _as_tensor(block[lo:hi], stored)
+            s = _chunk_scores(q_low, xc)
+            if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): exact scores here
+                s = torch.mm(q32, xc.float().T)  # exact values satisfy any error bound
+            if not unit:
+                xn_max = max(xn_max, torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32).max().item() * 1.01)
+            kk = min(m, hi - lo)
+            for lst, sc in ((lists[0], s), (lists[1], -s)):
+                v, i = torch.topk(sc, kk, dim=1)
+                lst.merge(v, i + (start + lo))
+
+    base = (a_q * xn_max).unsqueeze(1)  # [Q, 1]
+    sides, need = [], []
+    for lst in lists:
+        v, r = lst.vals, lst.rows  # approximate, descending
+        err = base + rel * v.abs()
+        lower, upper = v - err, v + err  # both monotone in v, so still descending
+        kth_lower = lower[:, k - 1 : k]  # ≤ the true k-th best (k rows are at least this good)
+        keep = (upper >= kth_lower) & (r >= 0)
+        # every row never kept (or dropped) had an approximate score ≤ the list's last one
+        full = r[:, -1] >= 0
+        outside = torch.where(full, upper[:, -1], torch.full_like(upper[:, -1], -float("inf")))
+        sides.append((r, keep, outside))
+        need.append(torch.where(keep, r, torch.full_like(r, -1)))
+    pair_rows = torch.cat(need, dim=1).numpy()  # [Q, 2m], −1 = not needed
+    exact = _pair_scores(store, kind, stored, q, pair_rows, verify)  # [Q, 2m] (−inf where −1)
+    out = [_RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")]
+    ok = torch.ones(n_q, dtype=torch.bool)
+    for side, ((r, keep, outside), res) in enumerate(zip(sides, out)):
+        ex = torch.from_numpy(exact[:, side * m : (side + 1) * m])
+        if side == 1:
+            ex = -ex
+        ex = torch.where(keep, ex, torch.full_like(ex, -float("inf")))
+        res.merge(ex, torch.where(keep, r, torch.full_like(r, -1)))
+        ok &= res.threshold() > outside  # certificate: nothing outside the lists can enter
+    if stats is not None:
+        stats["rescored_pairs"] = stats.get("rescored_pairs", 0) + int((pair_rows >= 0).sum())
+        stats["rescored_rows"] = stats.get("rescored_rows", 0) + int(np.unique(pair_rows[pair_rows >= 0]).size)
+        stats["rows"] = stats.get("rows", 0) + n_total
+        stats["rescanned_queries"] = stats.get("rescanned_queries", 0) + int((~ok).sum())
+    if not ok.all():
+        bad = torch.nonzero(~ok).squeeze(1)
+        p2, o2 = _scan_inline(store, q[bad.numpy()], k, shard_nos, kind=kind, chunk_rows=chunk_rows, verify=verify)
+        for res, part in zip(out, (p2, o2)):
+            res.vals[bad], res.rows[bad] = part.vals, part.rows
+    return out[0], out[1]
+
+
+def _decode_f32(block: np.ndarray, stored: str) -> torch.Tensor:
+    """float32 tensor of a (gathered, in-memory) stored block; exact (bf16 → fp32 is a shift)."""
+    t = _as_tensor(np.ascontiguousarray(block), stored)
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _pair_scores(store: IndexStore, kind: str, stored: str, q: np.ndarray, rows: np.ndarray, verify: bool,
+                 batch_rows: int | None = None) -> np.ndarray:
+    """Exact float32 q[i]·x[rows[i, j]] for the listed pairs ([Q, r]; −1 entries give −inf).
+
+    The union of the rows is gathered once (sorted, per shard), decoded to float32 in batches and
+    scored against all queries with one fp32 matmul per batch (cheaper than per-pair products,
+    which would copy each row once per query); only the asked-for pairs are kept.
+    """
+    out = np.full(rows.shape, -np.inf, dtype=np.float32)
+    valid = rows >= 0
+    uniq = np.unique(rows[valid])
+    if uniq.size == 0:
+        return out
+    batch_rows = batch_rows or max(16, min(1024, (16 << 20) // (4 * store.dim)))
+    starts = np.array([int(s["start"]) for s in store.shards], dtype=np.int64)
+    shard_of = np.searchsorted(starts, uniq, side="right") - 1
+    scores = torch.empty((q.shape[0], uniq.size), dtype=torch.float32)
+    q32 = torch.from_numpy(q)
+    col = 0
+    for shard_no in np.unique(shard_of):
+        local = uniq[shard_of == shard_no] - starts[shard_no]
+        block = store.load_shard(kind, int(shard_no), verify=verify)
+        for lo in range(0, local.size, batch_rows):
+            sel = local[lo : lo + batch_rows]
+            x = _decode_f32(block[sel], stored)
+            torch.mm(q32, x.T, out=scores[:, col : col + sel.size])
+            col += sel.size
+    idx = np.searchsorted(uniq, np.where(valid, rows, uniq[0]))
+    got = np.take_along_axis(scores.numpy(), idx, axis=1)
+    out[valid] = got[valid]
+    return out
+
+
+def _scan_inline(
+    store: IndexStore,
+    q: np.ndarray,
+    k: int,
+    shard_nos: list[int],
+    *,
+    kind: str,
+    chunk_rows: int | None,
+    verify: bool,
+) -> tuple[_RunningTopK, _RunningTopK]:
+    """Exact scan with re-scoring inline: float32 shards directly; fp16/bf16 chunks by an approximate
+    matmul, then every row whose error bound reaches the running k-th best is re-scored in float32
+    while still in cache. Slower than `_scan`'s deferred re-score, but needs no certificate."""
+    stored = stored_dtype_of(store, kind)
+    n_q = q.shape[0]
+    props, opps = _RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")
     if k == 0 or n_q == 0:
         return props, opps
     q32 = torch.from_numpy(q)
@@ -139,8 +307,7 @@ def _scan(
     if not exact_path:
         tdt = torch.bfloat16 if stored == "bfloat16" else torch.float16
         q_low = q32.to(tdt)
-        # ‖q − round(q)‖: bounds the query-rounding error of a dot with x by ‖x‖·a (Cauchy–Schwarz).
-        a_q = (q32 - q_low.float()).norm(dim=1) + 1e-6 * q32.norm(dim=1)  # + accumulation slack
+        a_q = (q32 - q_low.float()).norm(dim=1) + 1e-6 * q32.norm(dim=1)
         rel = _REL_OUT[stored]
         unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
     itemsize = 4 if exact_path else 2
@@ -162,7 +329,7 @@ def _scan(
                 v, i = torch.topk(-s, kk, dim=1)
                 opps.merge(v, i + start + lo)
                 continue
-            s = torch.mm(q_low, xc.T).float()  # [Q, C] approximate
+            s = _chunk_scores(q_low, xc)  # [Q, C] approximate
             if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): exact for this chunk
                 s = None
             if unit:
@@ -267,7 +434,7 @@ def topk_distributed(
         rows = [torch.empty_like(part.rows) for _ in range(world)]
         dist.all_gather(vals, part.vals.contiguous(), group=group)
         dist.all_gather(rows, part.rows.contiguous(), group=group)
-        out = _RunningTopK(q.shape[0], k_out)
+        out = _RunningTopK(q.shape[0], k_out, "asc" if part is props else "desc")
         for v, r in zip(vals, rows):
             out.merge(v, r)
         merged.append(out)
