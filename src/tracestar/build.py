@@ -443,28 +443,27 @@ def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query
 
 
 def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Preconditioner, n_shards: int) -> None:
-    shards, table, row = [], [], 0
-    n_tokens = n_truncated = 0
-    for shard_no in range(n_shards):
-        raw_info = json.loads(_sidecar(out, "raw", shard_no).read_text())
-        vec_info = json.loads(_sidecar(out, "vectors", shard_no).read_text())
-        for doc_id, toks, trunc in raw_info["docs"]:
-            table.append({"row": row, "doc_id": doc_id, "n_tokens": toks, "truncated": trunc})
-            row += 1
-            n_tokens += toks
-            n_truncated += int(trunc)
-        shards.append(
-            {
-                "name": store.shard_name(shard_no),
-                "start": raw_info["start"],
-                "rows": raw_info["rows"],
-                "raw_sha256": raw_info["sha256"],
-                "vectors_sha256": vec_info["sha256"],
-            }
-        )
     from tracestar.corpus import write_jsonl
 
-    write_jsonl(out / store.DOCS, table)
+    shards: list[dict] = []
+    counts = {"tokens": 0, "truncated": 0}
+
+    def doc_rows():
+        """Stream the doc table from the shards' sidecars (memory independent of corpus size)."""
+        row = 0
+        for shard_no in range(n_shards):
+            raw_info = json.loads(_sidecar(out, "raw", shard_no).read_text())
+            vec_info = json.loads(_sidecar(out, "vectors", shard_no).read_text())
+            shards.append({"name": store.shard_name(shard_no), "start": raw_info["start"], "rows": raw_info["rows"],
+                           "raw_sha256": raw_info["sha256"], "vectors_sha256": vec_info["sha256"]})
+            for doc_id, toks, trunc in raw_info["docs"]:
+                yield {"row": row, "doc_id": doc_id, "n_tokens": toks, "truncated": trunc}
+                row += 1
+                counts["tokens"] += toks
+                counts["truncated"] += int(trunc)
+
+    write_jsonl(out / store.DOCS, doc_rows())
+    n_tokens, n_truncated = counts["tokens"], counts["truncated"]
     manifest = {
         **base,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
