@@ -46,3 +46,14 @@ def test_explain_cli_json(world, index):
     # the fact's own tokens carry more of the score than the closing period
     scores = {t["token"]: t["score"] for t in out["tokens"]}
     assert out["doc_score"] > 0 and max(scores.values()) > abs(scores[" ."])
+
+
+def test_report_from_a_real_index_has_token_heat_maps(world, index, tmp_path):
+    from tracestar.api import query_file
+    from tracestar.report import build_report
+
+    results = tmp_path / "results.jsonl"
+    query_file(index, world["queries"], results, top_k=2)
+    page = build_report(results, index, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert page.count('class="heat ') >= 2 * len(read_queries(world["queries"]))  # every proponent explained
+    assert "the capital of france is" in page

@@ -194,6 +194,7 @@ def test_cli_index_and_query(world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     assert [r["query_id"] for r in rows] == [f"q{i}" for i in range(len(tiny.FACTS))]
-    assert set(rows[0]) == {"query_id", "proponents", "opponents"}
+    assert set(rows[0]) == {"query_id", "prompt", "target", "proponents", "opponents"}
+    assert (rows[0]["prompt"], rows[0]["target"]) == ("the capital of france is", " paris")
     assert len(rows[0]["proponents"]) == 2 and set(rows[0]["proponents"][0]) == {"doc_id", "score"}
     assert rows[0]["opponents"][0]["score"] <= rows[0]["opponents"][1]["score"]

@@ -224,6 +224,7 @@ def test_build_report_explain_failures_fall_back(tmp_path, monkeypatch):
         return types.SimpleNamespace(tokens=[("Tok", 0.5), ("en", -0.1)], doc_score=0.4)
 
     monkeypatch.setitem(sys.modules, "tracestar.explain", types.SimpleNamespace(explain_tokens=explain_tokens))
+    monkeypatch.setattr("tracestar.api.open_index", lambda path: "opened index")
     page = build_report(results, index, tmp_path / "out.html").read_text(encoding="utf-8")
     assert ("capital-fr", "d-evil") in calls and len(calls) == 5  # every proponent, not opponents
     assert page.count('class="heat p8"') == 4  # 4 explained proponents (+ none in legend: it uses p6)

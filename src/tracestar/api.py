@@ -106,6 +106,8 @@ class Index:
             out.append(
                 {
                     "query_id": q.id,
+                    "prompt": q.prompt,
+                    "target": q.target,
                     "proponents": [
                         {"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.prop_rows[qi], found.prop_scores[qi])
                     ],

@@ -513,15 +513,17 @@ def _load_docs(index_dir: Path, wanted: set[str]) -> dict[str, str]:
     return {d.id: d.text for d in iter_documents(path, **kw) if d.id in wanted}
 
 
-def _explain_all(index_dir: Path, results: list[dict], model_dir) -> dict[tuple[str, str], list]:
+def _explain_all(index_dir: Path, results: list[dict], docs: dict[str, str], model_dir) -> dict[tuple[str, str], list]:
     """Per-token scores for every proponent; any failure leaves that document as plain text."""
     try:
+        from tracestar.api import open_index
         from tracestar.corpus import Query
         from tracestar.explain import explain_tokens
+
+        index = open_index(index_dir)
     except Exception as exc:  # noqa: BLE001 - explain is optional for the report
         log.warning("per-token explanations unavailable (%s); showing plain text", exc)
         return {}
-    kw = {"model_dir": model_dir} if model_dir is not None else {}
     out, failed = {}, 0
     for res in results:
         if res.get("prompt") is None or res.get("target") is None:
@@ -530,7 +532,7 @@ def _explain_all(index_dir: Path, results: list[dict], model_dir) -> dict[tuple[
         for hit in res.get("proponents") or []:
             doc_id = str(hit["doc_id"])
             try:
-                ex = explain_tokens(index_dir, query, doc_id, **kw)
+                ex = explain_tokens(index, query, doc_id, text=docs.get(doc_id), model_dir=model_dir)
                 out[(query.id, doc_id)] = [(str(t), float(s)) for t, s in ex.tokens]
             except Exception as exc:  # noqa: BLE001
                 failed += 1
@@ -558,7 +560,7 @@ def build_report(
         for h in (r.get(key) or [])
     }
     docs = _load_docs(index_dir, wanted)
-    token_scores = _explain_all(index_dir, results, model_dir) if explain else None
+    token_scores = _explain_all(index_dir, results, docs, model_dir) if explain else None
     return render_report(
         results, docs, out_path, token_scores=token_scores or None, eval_dir=eval_dir,
         title=f"tracestar report — {Path(results_path).name}",
