@@ -145,7 +145,13 @@ def scan_table(args, bw: Bandwidth, tmp: Path) -> None:
         shutil.rmtree(path)
 
 
-def compressed_table(store: IndexStore, q: np.ndarray, args, label: str) -> None:
+def mrr_at_10(rows: np.ndarray, relevant: list[set[int]]) -> float:
+    """Mean reciprocal rank of the first relevant row within each query's top 10 (0 if none)."""
+    recip = [next((1.0 / (i + 1) for i, r in enumerate(row[:10]) if int(r) in rel), 0.0) for row, rel in zip(rows, relevant)]
+    return float(np.mean(recip))
+
+
+def compressed_table(store: IndexStore, q: np.ndarray, args, label: str, relevant: list[set[int]] | None = None) -> None:
     dtype_bytes = 2 if store.manifest.get("dtype") in ("float16", "bfloat16") else 4
     fp_bytes = store.dim * dtype_bytes
     exact_t = best_time(lambda: topk(store, q, 10, verify=False), args.repeats)
@@ -156,8 +162,10 @@ def compressed_table(store: IndexStore, q: np.ndarray, args, label: str) -> None
 
     print(f"\n## compressed forms ({label}: {store.n_rows} rows × D={store.dim}, {len(q)} queries, k=10)")
     print(f"exact scan latency: 1.00 (reference); stored {store.manifest.get('dtype')} = {fp_bytes} bytes/doc")
-    print("| form | bytes/doc | ÷ stored bytes | top-10 overlap (prop) | (opp) | latency ÷ exact | build s |")
-    print("|---|---|---|---|---|---|---|")
+    if relevant is not None:
+        print(f"exact MRR@10 against the queries' relevant documents: {mrr_at_10(ex.prop_rows, relevant):.4f}")
+    print("| form | bytes/doc | ÷ stored bytes | top-10 overlap (prop) | (opp) | ΔMRR@10 | latency ÷ exact | build s |")
+    print("|---|---|---|---|---|---|---|---|")
     forms = [("int8", {}), ("pq", {"m": args.pq_m, "niter": args.pq_niter})]
     for form, kw in forms:
         t0 = time.perf_counter()
@@ -170,8 +178,9 @@ def compressed_table(store: IndexStore, q: np.ndarray, args, label: str) -> None
             t = best_time(lambda: search_compressed(store, q, 10, rerank=rerank, form=form, verify=False), args.repeats)
             name = f"{form}{'' if rerank == 0 else ' + rerank ' + str(max(100, 10 * 10))}"
             mstr = f" (m={entry['m']})" if form == "pq" else ""
+            dmrr = "–" if relevant is None else f"{mrr_at_10(r.prop_rows, relevant) - mrr_at_10(ex.prop_rows, relevant):+.4f}"
             print(f"| {name}{mstr} | {bpd} | {bpd / fp_bytes:.3f} | {ov(r.prop_rows, ex.prop_rows):.3f} | "
-                  f"{ov(r.opp_rows, ex.opp_rows):.3f} | {t / exact_t:.2f} | {build:.1f} |", flush=True)
+                  f"{ov(r.opp_rows, ex.opp_rows):.3f} | {dmrr} | {t / exact_t:.2f} | {build:.1f} |", flush=True)
 
 
 def clustered(n: int, d: int, n_q: int, seed: int = 0, clusters: int = 64, noise: float = 0.7):
@@ -212,11 +221,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="tracestar-bench-"))
     try:
         if args.index:
-            from tracestar.api import open_index  # written alongside; see docs/ARCHITECTURE.md
+            from tracestar.api import open_index
+            from tracestar.corpus import read_queries
 
             idx = open_index(args.index)
-            q = np.asarray(idx.query_vectors(args.queries), dtype=np.float32)
-            compressed_table(IndexStore(args.index), q, args, f"index {args.index}")
+            queries = read_queries(args.queries)
+            q = np.asarray(idx.query_vectors(queries), dtype=np.float32)
+            row_of = {d: i for i, d in enumerate(idx.doc_ids)}
+            relevant = [{row_of[d] for d in qu.extra.get("relevant", []) if d in row_of} for qu in queries]
+            compressed_table(IndexStore(args.index), q, args, f"index {args.index}",
+                             relevant if any(relevant) else None)
             return
         if not args.skip_scan:
             scan_table(args, bw, tmp)
