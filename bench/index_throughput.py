@@ -6,17 +6,25 @@ are run through
       optimizer), and
   (b) tracestar's factored capture (per-example projected, corrected gradients; no weight
       gradients),
-alternating (a) and (b) per round so that both see the same machine state. Prints tokens/s of each
-and the ratio (b)/(a). Then, unless --no-memory, builds real indexes of N and 10·N documents in
+interleaved batch by batch (the order swapped every round) so that both see the same machine state.
+Prints tokens/s of each from every batch's best time over the rounds, the ratio (b)/(a), and the
+ratio of median times and of process CPU seconds as checks. Then, unless --no-memory, builds real indexes of N and 10·N documents in
 fresh processes and prints each build's peak RSS: memory must not grow with the corpus.
 
     python bench/index_throughput.py                      # ~2M and ~20M models, default dimension
     python bench/index_throughput.py --sizes 20m --proj-dim 16384 --rounds 3
+    python bench/index_throughput.py --autocast bfloat16 --no-memory  # both passes under bf16 autocast
+    python bench/index_throughput.py --arch llama --preset 8b --device cuda --dtype bfloat16 --no-memory
+
+`--act` picks the GPT-2 MLP activation: `gelu_new` (GPT-2's own, eight element-wise ops each way)
+or `gelu_pytorch_tanh` (the same function as one fused kernel). Both passes always use the same
+model; the activation only changes how much element-wise work they share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,14 +48,49 @@ SIZES = {  # name: (n_layer, n_embd, vocab)
 }
 
 
-def gpt2_model(size: str):
+LLAMA = {  # name: (layers, hidden, intermediate, heads, kv heads, vocab)
+    "tiny": (2, 64, 176, 4, 2, 1024),
+    "8b": (32, 4096, 14336, 32, 8, 128256),  # Llama-3-8B shape
+}
+
+
+def gpt2_model(size: str, act: str = "gelu_new"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     n_layer, n_embd, vocab = SIZES[size]
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64),
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=act,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def llama_model(preset: str, device: str, dtype: torch.dtype):
+    """Random weights, built directly on the device in the given dtype (an 8B model never touches the CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_layer, hidden, inter, heads, kv, vocab = LLAMA[preset]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layer,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _autocast(device: str, dtype: torch.dtype | None):
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def synthetic_examples(n_docs: int, vocab: int, seed: int = 0, lo: int = 32, hi: int = 256) -> list[Example]:
@@ -55,45 +98,62 @@ def synthetic_examples(n_docs: int, vocab: int, seed: int = 0, lo: int = 32, hi:
     return [Example(row=i, ids=[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], loss_from=1) for i in range(n_docs)]
 
 
-def training_pass(model, batches) -> int:
+def training_pass(model, batches, device: str = "cpu", autocast: torch.dtype | None = None) -> int:
+    """A plain training step minus the optimizer: the model's forward, the loss, backward with
+    weight gradients."""
     for p in model.parameters():
         p.requires_grad_(True)
     tokens = 0
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        forward_loss(model, batch).sum().backward()
+        with _autocast(device, autocast):
+            forward_loss(model, batch).sum().backward()
         tokens += batch.n_tokens
     model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _sync(device)
     return tokens
 
 
-def indexing_pass(capture: FactoredCapture, batches) -> int:
+def indexing_pass(capture: FactoredCapture, batches, device: str = "cpu") -> int:
     tokens = 0
     for batch in batches:
         capture.vectors(batch)
         tokens += batch.n_tokens
+    _sync(device)
     return tokens
 
 
-def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds: int) -> dict:
-    model = gpt2_model(size)
+def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds: int, *, arch: str = "gpt2",
+               device: str = "cpu", dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
+               act: str = "gelu_new", max_len: int = 256) -> dict:
+    model = gpt2_model(size, act).to(device, dtype) if arch == "gpt2" else llama_model(size, device, dtype)
     tracked = tracked_matrices(model)
     blocks = make_layout(tracked, kind="paper", dim=proj_dim)
-    capture = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
-    examples = synthetic_examples(n_docs, model.config.vocab_size)
-    batches = [collate(g, 0) for g in bucketed(examples, batch_tokens)]
-    training_pass(model, batches[:2])  # warm up both paths
-    indexing_pass(capture, batches[:2])
-    t_train = t_index = 0.0
-    tok_train = tok_index = 0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        tok_train += training_pass(model, batches)
-        t_train += time.perf_counter() - t
-        t = time.perf_counter()
-        tok_index += indexing_pass(capture, batches)
-        t_index += time.perf_counter() - t
-    train_tps, index_tps = tok_train / t_train, tok_index / t_index
+    capture = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0, device=device, autocast=autocast)
+    examples = synthetic_examples(n_docs, model.config.vocab_size, hi=max_len)
+    batches = [collate(g, 0).to(device) for g in bucketed(examples, batch_tokens)]
+    training_pass(model, batches[:2], device, autocast)  # warm up both paths
+    indexing_pass(capture, batches[:2], device)
+    # Interleaved per batch (train step, index step, order swapped every round) and each batch's
+    # best time over the rounds: on a shared machine a burst of other work then hits both passes
+    # alike instead of whichever pass happened to be running.
+    times = {"train": [[] for _ in batches], "index": [[] for _ in batches]}
+    cpu = {"train": 0.0, "index": 0.0}  # process CPU seconds: less sensitive to other jobs on the cores
+    run = {"train": lambda b: training_pass(model, [b], device, autocast),
+           "index": lambda b: indexing_pass(capture, [b], device)}
+    for r in range(rounds):
+        for i, batch in enumerate(batches):
+            for name in (("train", "index") if (r + i) % 2 == 0 else ("index", "train")):
+                t, c = time.perf_counter(), time.process_time()
+                run[name](batch)
+                times[name][i].append(time.perf_counter() - t)
+                cpu[name] += time.process_time() - c
+    tokens = sum(b.n_tokens for b in batches)
+    best = {n: sum(min(ts) for ts in times[n]) for n in times}
+    median = {n: sum(sorted(ts)[len(ts) // 2] for ts in times[n]) for n in times}
+    train_tps, index_tps = tokens / best["train"], tokens / best["index"]
     return {
         "model": size,
         "params": coverage(model, tracked)["n_params"],
@@ -103,6 +163,8 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
         "train_tok_s": round(train_tps),
         "index_tok_s": round(index_tps),
         "ratio": round(index_tps / train_tps, 3),
+        "ratio_median": round(median["train"] / median["index"], 3),
+        "ratio_cpu": round(cpu["train"] / cpu["index"], 3),
     }
 
 
@@ -122,7 +184,7 @@ def _save_model_with_tokenizer(size: str, path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = gpt2_model(size)
+    model = gpt2_model(size, "gelu_new")
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for i in range(model.config.vocab_size - 3):
         vocab[f"w{i}"] = len(vocab)
@@ -154,7 +216,14 @@ def memory(size: str, n_docs: int, proj_dim: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="2m,20m")
+    ap.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
+    ap.add_argument("--sizes", default="2m,20m", help="gpt2: " + ",".join(SIZES))
+    ap.add_argument("--preset", default=None, help="llama: " + ",".join(LLAMA) + " (overrides --sizes)")
+    ap.add_argument("--act", default="gelu_new", help="gpt2 activation: gelu_new or gelu_pytorch_tanh")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="model weights: float32 or bfloat16")
+    ap.add_argument("--autocast", default=None, help="e.g. bfloat16: both passes under autocast (reported apart)")
+    ap.add_argument("--max-len", type=int, default=256, help="longest synthetic document (tokens)")
     ap.add_argument("--proj-dim", type=int, default=DEFAULT_DIM)
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=4096)
@@ -169,13 +238,21 @@ def main() -> None:
         _memory_child(model_dir, corpus, out, int(dim))
         return
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, requested dim {args.proj_dim}")
-    print(f"{'model':>6} {'params':>11} {'cover':>6} {'dim':>6} {'k':>10} {'train tok/s':>12} {'index tok/s':>12} {'ratio':>6}")
-    for size in args.sizes.split(","):
-        r = throughput(size, args.proj_dim, args.docs, args.batch_tokens, args.rounds)
-        print(f"{r['model']:>6} {r['params']:>11,} {r['coverage']:>6.1%} {r['dim']:>6} {str(r['k']):>10} "
-              f"{r['train_tok_s']:>12,} {r['index_tok_s']:>12,} {r['ratio']:>5.2f}x")
-    if not args.no_memory:
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 projections of a bf16 model
+    dtype = getattr(torch, args.dtype)
+    autocast = getattr(torch, args.autocast) if args.autocast else None
+    sizes = (args.preset or "tiny").split(",") if args.arch == "llama" else args.sizes.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, arch {args.arch}"
+          + (f" ({args.act})" if args.arch == "gpt2" else "")
+          + f", weights {args.dtype}, autocast {args.autocast or 'off'}, requested dim {args.proj_dim}")
+    print(f"{'model':>6} {'params':>14} {'cover':>6} {'dim':>6} {'k':>10} {'train tok/s':>12} {'index tok/s':>12} {'ratio':>6} {'median':>7} {'cpu-s':>6}")
+    for size in sizes:
+        r = throughput(size, args.proj_dim, args.docs, args.batch_tokens, args.rounds, arch=args.arch,
+                       device=args.device, dtype=dtype, autocast=autocast, act=args.act, max_len=args.max_len)
+        print(f"{r['model']:>6} {r['params']:>14,} {r['coverage']:>6.1%} {r['dim']:>6} {str(r['k']):>10} "
+              f"{r['train_tok_s']:>12,} {r['index_tok_s']:>12,} {r['ratio']:>5.2f}x {r['ratio_median']:>6.2f}x {r['ratio_cpu']:>5.2f}x")
+    if not args.no_memory and args.arch == "gpt2" and args.device == "cpu":
         size = args.sizes.split(",")[0]
         for row in memory(size, args.memory_docs, args.proj_dim):
             print(f"memory ({size}): {row['docs']:>6} docs  peak RSS {row['peak_rss_mb']:8.0f} MB  ({row['seconds']} s)")

@@ -145,3 +145,52 @@ def test_token_vectors_sum_to_vector():
     whole = cap.vectors(batch)
     per_token = cap.token_vectors(batch)
     assert torch.allclose(per_token.sum(1), whole, atol=1e-5 * whole.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fused_head_equals_generic_path(arch):
+    """The fused LM head + loss gives the same vectors as the model's own head and loss."""
+    model = gpt2() if arch == "gpt2" else llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="paper", dim=2048)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
+    assert cap._head is not None
+    tok = make_tokenizer()
+    for queries in (False, True):
+        batch = collate(_examples(queries), tok.pad_token_id, padding_side="left")
+        fused = cap.vectors(batch)
+        head, cap._head = cap._head, None
+        try:
+            generic = cap.vectors(batch)
+        finally:
+            cap._head = head
+        assert torch.allclose(fused, generic, rtol=1e-4, atol=1e-5 * generic.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_autocast_is_close(arch):
+    """The optional bf16 autocast runs and stays close to the fp32 vectors (not exact)."""
+    model = gpt2() if arch == "gpt2" else llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="paper", dim=2048)
+    batch = collate(_examples(), make_tokenizer().pad_token_id)
+    exact = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0).vectors(batch)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0, autocast=torch.bfloat16)
+    approx = cap.vectors(batch)
+    assert approx.dtype == torch.float32 and approx.shape == exact.shape
+    cos = torch.nn.functional.cosine_similarity(approx, exact, dim=1)
+    assert cos.min() > 0.98, cos
+
+
+def test_throughput_bench_llama_path_runs():
+    """bench/index_throughput.py's llama path (the one bench/gpu.sh runs at 8B on a GPU), tiny, on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "index_throughput.py"
+    spec = importlib.util.spec_from_file_location("index_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for dtype in (torch.float32, torch.bfloat16):
+        r = bench.throughput("tiny", 1024, 4, 512, 1, arch="llama", device="cpu", dtype=dtype, max_len=48)
+        assert r["train_tok_s"] > 0 and r["index_tok_s"] > 0 and r["dim"] <= 1024

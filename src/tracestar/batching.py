@@ -119,13 +119,32 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def shifted_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] gold, [B, T] weight) aligned with the logits at each position: the logits at t
+    predict the token at t + 1. Positions with no loss (the last one, prompt, padding) get gold
+    -100 (cross-entropy's ignore index) and weight 0."""
+    ids, mask = batch.input_ids, batch.loss_mask
+    weight = torch.zeros_like(mask)
+    weight[:, :-1] = mask[:, 1:]
+    gold = torch.full_like(ids, -100)
+    gold[:, :-1] = ids[:, 1:]
+    gold.masked_fill_(weight == 0, -100)
+    return gold, weight
+
+
 def summed_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """[B] summed cross-entropy of the predicted tokens of each example (the L of TrackStar)."""
-    pred = logits[:, :-1, :]  # [B, T-1, V]
-    gold = batch.input_ids[:, 1:]  # [B, T-1]
-    mask = batch.loss_mask[:, 1:]  # [B, T-1]
-    ce = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), gold.reshape(-1), reduction="none")
-    return (ce.view_as(mask) * mask).sum(dim=1)
+    """[B] summed cross-entropy of the predicted tokens of each example (the L of TrackStar).
+
+    Computed on the full, contiguous [B, T, V] logits with shifted targets, so neither the forward
+    nor the backward pass makes a copy of the logits (slicing off the last position would copy
+    them once each way); fp32 logits are used as they are, others are upcast once."""
+    B, T, V = logits.shape
+    gold, weight = shifted_targets(batch)
+    flat = logits.reshape(B * T, V)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    ce = torch.nn.functional.cross_entropy(flat, gold.reshape(-1), reduction="none", ignore_index=-100)
+    return (ce.view(B, T) * weight).sum(dim=1)
 
 
 def forward_loss(model, batch: Batch) -> torch.Tensor:

@@ -16,16 +16,21 @@ costs less than a training step's backward.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tracestar.batching import Batch, forward_loss
+from tracestar.batching import Batch, forward_loss, shifted_targets
 from tracestar.model import Site, Tracked
 from tracestar.normalizer import Normalizer
 from tracestar.projection import Block, gaussian, layout_dim
+
+
+# Model families whose causal-LM forward is exactly `lm_head(base_model(...).last_hidden_state)`
+# (no logit scaling or soft-capping); for these the LM head and the loss are fused (below).
+_PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
 
 
 @dataclass
@@ -47,12 +52,17 @@ class FactoredCapture:
         seed: int,
         *,
         device: torch.device | str = "cpu",
+        autocast: torch.dtype | None = None,
     ):
         self.model = model
         self.tracked = tracked
         self.blocks = blocks
         self.dim = layout_dim(blocks)
         self.device = torch.device(device)
+        # Optional mixed precision for the model's own forward/backward (e.g. torch.bfloat16 on a
+        # CPU with AVX512-BF16). Off by default: the exactness guarantees are for fp32. The
+        # projections and the per-example sums are always accumulated in fp32.
+        self.autocast = autocast
         block_of = {p: i for i, b in enumerate(blocks) for p in b.params}
         self.mats: dict[str, _SideMats] = {}
         for t in tracked:
@@ -63,9 +73,25 @@ class FactoredCapture:
             left = gaussian(seed, t.name, "L", k, a) * s.row[None, :].float()
             right = gaussian(seed, t.name, "R", k, b) * s.col[None, :].float()
             self.mats[t.name] = _SideMats(left.to(self.device), right.to(self.device), bi)
+        self._head = self._find_head()
         self._acc: list[torch.Tensor] | None = None
         self._token_acc: list[torch.Tensor] | None = None
         self._per_token = False
+
+    def _find_head(self):
+        """(head module, its side matrices) when the LM head + loss can be fused, else None."""
+        config = getattr(self.model, "config", None)
+        get = getattr(self.model, "get_output_embeddings", None)
+        if config is None or get is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
+            return None
+        head = get()
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            return None
+        for t in self.tracked:
+            for site in t.sites:
+                if site.module is head and site.kind == "linear":
+                    return head, self.mats[t.name]
+        return None
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -95,9 +121,11 @@ class FactoredCapture:
                 left, right = xp, dp
             if self._per_token:
                 # [B, T, k, k] per-position contributions (explain.py); small inputs only
-                self._token_acc[mats.block] += left.unsqueeze(-1) * right.unsqueeze(-2)
+                self._token_acc[mats.block] += left.unsqueeze(-1).float() * right.unsqueeze(-2).float()
             else:
-                self._acc[mats.block] += torch.bmm(left.transpose(1, 2), right)  # [B, k, k]
+                # in place into the block's contiguous [B, k, k] accumulator: no temporary
+                acc = self._acc[mats.block]
+                acc.baddbmm_(left.transpose(1, 2).to(acc.dtype), right.to(acc.dtype))
             return None
 
         return hook
@@ -119,6 +147,11 @@ class FactoredCapture:
             for p, flag in saved:
                 p.requires_grad_(flag)
 
+    def _autocast(self):
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     # --- public ------------------------------------------------------------------------------
 
     def vectors(self, batch: Batch) -> torch.Tensor:
@@ -127,12 +160,20 @@ class FactoredCapture:
         B = batch.input_ids.shape[0]
         self._acc = [torch.zeros(B, b.k, b.k, device=self.device) for b in self.blocks]
         self._per_token = False
-        with self._hooked():
-            loss = forward_loss(self.model, batch)  # [B]
+        with self._hooked(), self._autocast():
+            if self._head is None:
+                loss = forward_loss(self.model, batch)  # [B]
+            else:
+                loss = self._fused_loss(batch)  # [B], the head's block filled in during backward
             loss.sum().backward()
         out = torch.cat([a.reshape(B, -1) for a in self._acc], dim=1)  # [B, D]
         self._acc = None
         return out
+
+    def _fused_loss(self, batch: Batch) -> torch.Tensor:
+        """[B] the same loss as `forward_loss`, with the LM head fused with the loss."""
+        gold, weight = shifted_targets(batch)
+        return _FusedHeadLoss.apply(_base_hidden(self.model, batch), self, gold, weight)
 
     def token_vectors(self, batch: Batch) -> torch.Tensor:
         """[B, T, D] the same vectors split by the position whose activation carries them.
@@ -144,10 +185,86 @@ class FactoredCapture:
         self._token_acc = [torch.zeros(B, T, b.k, b.k, device=self.device) for b in self.blocks]
         self._per_token = True
         try:
-            with self._hooked():
+            with self._hooked(), self._autocast():
                 loss = forward_loss(self.model, batch)
                 loss.sum().backward()
             return torch.cat([a.reshape(B, T, -1) for a in self._token_acc], dim=2)
         finally:
             self._per_token = False
             self._token_acc = None
+
+
+# --- the LM head and the loss, fused ----------------------------------------------------------
+
+
+def _head_chunk(device: torch.device, V: int) -> int:
+    """Rows of logits per chunk: cache-sized on a CPU, large on an accelerator."""
+    elements = (1 << 20) if device.type == "cpu" else (1 << 26)
+    return max(8, elements // max(1, V))
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Per-example summed cross-entropy of `hidden @ Wᵀ` and its gradient, in token chunks.
+
+    The logits gradient of a summed cross-entropy is softmax − onehot, so each chunk computes its
+    logits, the loss, δ = (softmax − onehot)·weight, the gradient of the hidden state δ W and the
+    head's projected δ, L δ, while the chunk is in cache: [B, T, V] logits are never stored, there
+    is no separate log-softmax / NLL backward, and rows that carry no loss (prompt, padding, last
+    position) are skipped. Backward scales the saved results by the incoming per-example gradient
+    and adds the head's k × k term to its block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, capture, gold, weight):
+        head, mats = capture._head
+        W = head.weight  # [V, d]
+        B, T, d = hidden.shape
+        V = W.shape[0]
+        h = hidden.reshape(B * T, d)
+        g, w = gold.reshape(-1), weight.reshape(-1)
+        rows = torch.nonzero(w).squeeze(1)
+        k = mats.left.shape[0]
+        dh = torch.zeros(B * T, d, dtype=hidden.dtype, device=hidden.device)
+        dp = torch.zeros(B * T, k, dtype=torch.float32, device=hidden.device)
+        loss_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+        step = _head_chunk(hidden.device, V)
+        unit = bool((w.index_select(0, rows) == 1).all())  # the usual 0/1 loss mask: no scaling
+        for s in range(0, rows.numel(), step):
+            r = rows[s : s + step]
+            z = (h.index_select(0, r) @ W.T).float()  # [n, V] logits
+            logp = torch.log_softmax(z, dim=1)
+            del z
+            gr = g.index_select(0, r).unsqueeze(1)
+            wr = w.index_select(0, r).unsqueeze(1).float()
+            loss_tok.index_copy_(0, r, (logp.gather(1, gr) * wr).squeeze(1).neg_())
+            p = logp.exp_()  # softmax, in place
+            p.scatter_add_(1, gr, torch.full_like(wr, -1.0))  # softmax − onehot
+            if not unit:
+                p.mul_(wr)  # δ
+            dh.index_copy_(0, r, (p.to(W.dtype) @ W).to(dh.dtype))
+            dp.index_copy_(0, r, (p @ mats.left.T).float())
+        xp = (h.float() @ mats.right.T).float()  # [B*T, k] the head's input side
+        ctx.capture, ctx.mats, ctx.shape = capture, mats, (B, T, k)
+        ctx.save_for_backward(dh, dp, xp)
+        return loss_tok.view(B, T).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dp, xp = ctx.saved_tensors
+        B, T, k = ctx.shape
+        gl = grad_loss.float().view(B, 1, 1)
+        acc = ctx.capture._acc[ctx.mats.block]
+        acc.baddbmm_((dp.view(B, T, k) * gl).transpose(1, 2), xp.view(B, T, k).float())
+        grad_hidden = dh.view(B, T, -1) * gl.to(dh.dtype)
+        return grad_hidden, None, None, None
+
+
+def _base_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
+    out = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
