@@ -183,6 +183,12 @@ def _done(index_dir: Path, kind: str, shard_no: int, expect: dict | None = None)
     return info if store.sha256_file(npy) == info["sha256"] else None
 
 
+def _clear_partial(index_dir: Path, kind: str, shard_no: int) -> None:
+    """Remove what an interrupted writer of this shard left (only its owner rank calls this)."""
+    for leftover in (index_dir / kind).glob(f"{store.shard_name(shard_no)}.*.tmp-*"):
+        leftover.unlink(missing_ok=True)
+
+
 def _shards(corpus: Path, opts: BuildOptions) -> Iterator[tuple[int, list[Document]]]:
     shard: list[Document] = []
     shard_no = 0
@@ -325,6 +331,7 @@ def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: i
                 if shard_no not in todo_set:
                     continue
                 start = shard_no * opts.shard_docs
+                _clear_partial(out, "raw", shard_no)
                 examples = [encode_document(tracer.tokenizer, d.text, start + i, opts.max_length) for i, d in enumerate(docs)]
                 raw = tracer.raw_vectors(capture, examples, opts, update)
                 table = [[d.id, len(e.ids), e.truncated] for d, e in zip(docs, examples)]
@@ -392,6 +399,7 @@ def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] 
     for shard_no in range(n_shards):
         if not _mine(shard_no) or _done(out, "vectors", shard_no, {"preconditioner": precond_sha}):
             continue
+        _clear_partial(out, "vectors", shard_no)
         raw = torch.from_numpy(np.load(store.shard_path(out, "raw", shard_no)))
         final = finalize_vectors(raw, precond, opts.unit_norm).numpy()
         sha = store.write_shard(out, "vectors", shard_no, store.encode_dtype(final, opts.dtype))
