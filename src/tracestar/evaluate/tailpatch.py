@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from tracestar.batching import encode_document, encode_query
+from tracestar.batching import Example, collate, encode_document, encode_query, forward_loss, pad_id
 from tracestar.corpus import Query, iter_documents
 from tracestar.errors import UserError
 
@@ -210,26 +210,13 @@ class TailPatcher:
 
     @torch.no_grad()
     def logprobs(self, queries: Sequence[Query | tuple[list[int], int]]) -> np.ndarray:
-        """Sum of target-token log-probs per query (float64 array), batched with right padding."""
+        """Sum of target-token log-probs per query (float64 array): minus TrackStar's query loss."""
         enc = [q if isinstance(q, tuple) else _encode_query(self.tokenizer, q.prompt, q.target, self.max_length) for q in queries]
+        examples = sorted((Example(row=i, ids=list(toks), loss_from=n) for i, (toks, n) in enumerate(enc)), key=lambda e: len(e.ids))
         out = np.zeros(len(enc), dtype=np.float64)
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            L = max(len(enc[i][0]) for i in idx)
-            ids = torch.zeros(len(idx), L, dtype=torch.long)
-            att = torch.zeros(len(idx), L, dtype=torch.long)
-            tmask = torch.zeros(len(idx), L, dtype=torch.bool)
-            for r, i in enumerate(idx):
-                toks, n_prompt = enc[i]
-                ids[r, :len(toks)] = torch.tensor(toks)
-                att[r, :len(toks)] = 1
-                tmask[r, n_prompt:len(toks)] = True
-            logits = self.model(input_ids=ids, attention_mask=att).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            lp = (lp * tmask[:, 1:]).double().sum(dim=1)
-            for r, i in enumerate(idx):
-                out[i] = float(lp[r])
+        for s in range(0, len(examples), self.batch_size):
+            batch = collate(examples[s:s + self.batch_size], pad_id(self.tokenizer))
+            out[batch.rows] = -forward_loss(self.model, batch).double().numpy()
         return out
 
     def step(self, doc_ids: list[int]) -> float:
