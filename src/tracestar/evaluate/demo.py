@@ -12,7 +12,6 @@ evaluation by the hashes of the index manifest and the query file and the evalua
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tracestar.errors import UserError
+from tracestar.index.store import sha256_file, write_json
 
 #: Per scale: trainer time cap (minutes), projection dim, tail-patch queries, trainer overrides.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -30,25 +30,11 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 KS = (1, 3, 5, 10)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def run_demo(
@@ -90,12 +76,12 @@ def run_demo(
     prev = _read_json(stamp)
     files = (paths.corpus, paths.queries, paths.facts)
     if (prev and prev.get("key") == key and all(p.exists() for p in files)
-            and prev.get("sha256") == {"corpus": _sha256(paths.corpus), "queries": _sha256(paths.queries)}):
+            and prev.get("sha256") == {"corpus": sha256_file(paths.corpus), "queries": sha256_file(paths.queries)}):
         cached["world"] = True
     else:
         say(f"[1/4] world: generating the fact world (scale={scale}, seed={seed}) ...")
         paths = make_world(wdir, seed=seed, scale=scale)
-        _write_json(stamp, {"key": key, "sha256": {"corpus": _sha256(paths.corpus), "queries": _sha256(paths.queries)}})
+        write_json(stamp, {"key": key, "sha256": {"corpus": sha256_file(paths.corpus), "queries": sha256_file(paths.queries)}})
         cached["world"] = False
     n_docs = sum(1 for _ in open(paths.corpus, encoding="utf-8"))
     n_queries = sum(1 for _ in open(paths.queries, encoding="utf-8"))
@@ -146,7 +132,7 @@ def run_demo(
 
     t0 = time.time()
     eval_dir = out / "eval"
-    ekey = {"manifest_sha256": _sha256(manifest_path), "queries_sha256": _sha256(paths.queries), "ks": list(KS),
+    ekey = {"manifest_sha256": sha256_file(manifest_path), "queries_sha256": sha256_file(paths.queries), "ks": list(KS),
             "bm25": True, "tail_patch": True, "max_queries": tail_patch_queries, "lr": lr}
     estamp = eval_dir / "demo_eval.json"
     prev = _read_json(estamp)
@@ -158,7 +144,7 @@ def run_demo(
             f"{tail_patch_queries} of them ...")
         metrics = evaluate(index_dir, paths.queries, eval_dir, bm25=True, tail_patch=True, ks=KS,
                            model_dir=model_dir, lr=lr, max_queries=tail_patch_queries, quiet=quiet)
-        _write_json(estamp, {"key": ekey})
+        write_json(estamp, {"key": ekey})
         cached["eval"] = False
     seconds["eval"] = round(time.time() - t0, 1)
     seconds["total"] = round(time.time() - t_all, 1)
@@ -177,5 +163,5 @@ def run_demo(
             "train": {k: log.get(k) for k in ("n_params", "steps", "final_loss", "first_token_accuracy",
                                              "stopped_early", "seconds")},
             "paths": {"world": str(wdir), "model": str(model_dir), "index": str(index_dir), "eval": str(eval_dir)}}
-    _write_json(out / "demo.json", demo)
+    write_json(out / "demo.json", demo)
     return {**metrics, "_demo": demo}
