@@ -8,6 +8,7 @@ line and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tracestar.errors import UserError
@@ -315,3 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"tracestar: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
