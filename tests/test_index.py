@@ -198,3 +198,15 @@ def test_cli_index_and_query(world, tmp_path):
     assert (rows[0]["prompt"], rows[0]["target"]) == ("the capital of france is", " paris")
     assert len(rows[0]["proponents"]) == 2 and set(rows[0]["proponents"][0]) == {"doc_id", "score"}
     assert rows[0]["opponents"][0]["score"] <= rows[0]["opponents"][1]["score"]
+
+
+def test_bf16_autocast_is_recorded_and_close_to_fp32(world, tmp_path):
+    kw = dict(optimizer_state=world["optimizer"], proj_dim=1024, preconditioner="none", quiet=True)
+    fp32 = open_index(build_index(world["model"], world["corpus"], tmp_path / "fp32", **kw))
+    bf16 = open_index(build_index(world["model"], world["corpus"], tmp_path / "bf16", autocast="bfloat16", **kw))
+    assert bf16.manifest["autocast"] == "bfloat16" and fp32.manifest["autocast"] is None
+    a, b = _all_vectors(fp32), _all_vectors(bf16)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.97 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
+    results = bf16.query(read_queries(world["queries"]), top_k=1)
+    assert [r["proponents"][0]["doc_id"] for r in results] == [f"d{i}" for i in range(len(tiny.FACTS))]

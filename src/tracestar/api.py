@@ -62,7 +62,8 @@ class Index:
                     f"{self.manifest['model']['fingerprint'][:12]} ({self.path}); refusing to mix them"
                 )
             self._tracer = tracer
-            self._capture = tracer.capture(self.blocks, self.normalizer, self.manifest["projection"]["seed"])
+            seed = self.manifest["projection"]["seed"]
+            self._capture = tracer.capture(self.blocks, self.normalizer, seed, self.manifest.get("autocast"))
         return self._tracer
 
     def raw_query_vectors(self, queries: list[Query], model_dir: str | Path | None = None) -> np.ndarray:

@@ -76,6 +76,7 @@ class BuildOptions:
     id_field: str = "id"
     variant: str | None = None
     padding_side: str = "right"
+    autocast: str | None = None  # "bfloat16": the model's forward/backward in bf16 (GPU, or CPUs with AVX512-BF16)
     device: str | None = None
     quiet: bool = False
     overwrite: bool = False
@@ -100,6 +101,8 @@ class BuildOptions:
             raise UserError(f"unknown --dtype {o.dtype!r} (float16, bfloat16 or float32)")
         if o.device is None:
             o.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if o.autocast not in (None, "bfloat16"):
+            raise UserError(f"unknown --autocast {o.autocast!r} (bfloat16)")
         return o
 
     def identity(self) -> dict:
@@ -136,8 +139,9 @@ class Tracer:
         )
         return estimate(self.model, self.tracked, batches, forward_loss, reduce=dist.all_reduce_)
 
-    def capture(self, blocks: list[Block], normalizer: Normalizer, seed: int) -> FactoredCapture:
-        return FactoredCapture(self.model, self.tracked, blocks, normalizer, seed, device=self.device)
+    def capture(self, blocks: list[Block], normalizer: Normalizer, seed: int, autocast: str | None = None) -> FactoredCapture:
+        dtype = {None: None, "bfloat16": torch.bfloat16}[autocast]
+        return FactoredCapture(self.model, self.tracked, blocks, normalizer, seed, device=self.device, autocast=dtype)
 
     def raw_vectors(self, capture: FactoredCapture, examples: list, opts: BuildOptions, progress=None) -> np.ndarray:
         """[N, D] float32 in the order of `examples` (batched by length internally)."""
@@ -273,7 +277,7 @@ def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, opti
         return out
     blocks = make_layout(tracer.tracked, kind=opts.blocks, dim=opts.proj_dim)
     normalizer = _normalizer(tracer, corpus, n_docs, opts, out)
-    capture = tracer.capture(blocks, normalizer, opts.seed)
+    capture = tracer.capture(blocks, normalizer, opts.seed, opts.autocast)
     _say(opts, f"tracking {len(tracer.tracked)} matrices, {tracer.coverage['share']:.2%} of {tracer.coverage['n_params']:,} parameters; dim {capture.dim:,} in {len(blocks)} blocks")
     _raw_phase(tracer, capture, corpus, n_docs, opts, out)
     base = _base_manifest(tracer, corpus, blocks, normalizer, opts, n_docs)
@@ -380,6 +384,7 @@ def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer
         "dim": layout_dim(blocks),
         "normalizer": normalizer.to_json(),
         "optimizer_correction": opts.optimizer_correction,
+        "autocast": opts.autocast,
         "max_length": opts.max_length,
         "shard_docs": opts.shard_docs,
         "n_docs": n_docs,
@@ -540,7 +545,7 @@ def refit(
             raise UserError(f"{model_dir}: model fingerprint differs from the index's ({src}); refusing to mix them")
         normalizer = Normalizer.load(src / "normalizer.safetensors", manifest["normalizer"])
         blocks = [Block.from_json(b) for b in manifest["projection"]["blocks"]]
-        capture = tracer.capture(blocks, normalizer, manifest["projection"]["seed"])
+        capture = tracer.capture(blocks, normalizer, manifest["projection"]["seed"], manifest.get("autocast"))
     identity = {**opts.identity(), "model_fingerprint": manifest["model"]["fingerprint"], "corpus": prev["corpus"]}
     if _prepare_dir(out, identity, overwrite):
         return out
@@ -549,7 +554,7 @@ def refit(
         for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS, *raw_files]:
             _link(src / rel, out / rel)
     dist.barrier()
-    base = {k: manifest[k] for k in ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer", "optimizer_correction", "max_length", "shard_docs", "n_docs")}
+    base = {k: manifest[k] for k in ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer", "optimizer_correction", "autocast", "max_length", "shard_docs", "n_docs")}
     base["refit_from"] = str(src.resolve())
     finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer)
     return out

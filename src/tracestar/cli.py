@@ -104,6 +104,7 @@ def _add_index(sub) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--autocast", choices=["bfloat16"], help="run the model in bf16 (vectors are still summed in fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_index)
@@ -118,6 +119,7 @@ def _run_index(args) -> int:
         unit_norm=not args.no_unit_norm, preconditioner=args.preconditioner, eval_queries=args.eval_queries,
         lam=args.lam, fit_docs=args.fit_docs, damping=args.damping, variant=args.variant, dtype=args.dtype,
         shard_docs=args.shard_docs, text_field=args.text_field, id_field=args.id_field, device=args.device,
+        autocast=args.autocast,
         overwrite=args.overwrite, quiet=args.quiet,
     )
     build_index(args.model, args.corpus, args.out, opts)
