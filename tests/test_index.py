@@ -210,3 +210,17 @@ def test_bf16_autocast_is_recorded_and_close_to_fp32(world, tmp_path):
     assert cos.min() > 0.97 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
     results = bf16.query(read_queries(world["queries"]), top_k=1)
     assert [r["proponents"][0]["doc_id"] for r in results] == [f"d{i}" for i in range(len(tiny.FACTS))]
+
+
+def test_llama_style_model_directory_builds_and_queries(world, tmp_path):
+    """Untied head, rotary positions, grouped-query attention: the whole path, not just capture."""
+    model_dir = tiny.save(tiny.llama(seed=2), tmp_path / "llama")
+    out = build_index(model_dir, world["corpus"], tmp_path / "index", proj_dim=1024, eval_queries=world["queries"], quiet=True)
+    idx = open_index(out)
+    assert idx.manifest["normalizer"]["kind"] == "estimated"  # no optimizer state given
+    assert "lm_head.weight" in idx.manifest["model"]["tracked"] and idx.manifest["model"]["coverage"] > 0.9
+    queries = read_queries(world["queries"])
+    scores = idx.query_vectors(queries) @ _all_vectors(idx).T
+    results = idx.query(queries, top_k=3)
+    for qi, r in enumerate(results):
+        assert [p["doc_id"] for p in r["proponents"]] == [idx.doc_ids[j] for j in np.argsort(-scores[qi], kind="stable")[:3]]
