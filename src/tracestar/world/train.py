@@ -31,6 +31,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from tracestar.batching import encode_document
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 DOC_FORMAT = "text + eos (no bos); queries: prompt, then target tokenized separately"
@@ -92,12 +94,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 # --- batches --------------------------------------------------------------------------------------
-
-
-def encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each document followed by eos, cut to `max_length`."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [(x + [tokenizer.eos_token_id])[:max_length] for x in ids]
 
 
 def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -303,7 +299,7 @@ def train_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    docs = encode_documents(tokenizer, texts, config.max_length)
+    docs = [encode_document(tokenizer, t, i, config.max_length).ids for i, t in enumerate(texts)]  # as the index sees them
     model = build_model(config, tokenizer)
     optimizer = torch.optim.Adafactor(model.parameters(), lr=config.lr)
     budget = config.max_minutes * 60 - (time.monotonic() - start)
