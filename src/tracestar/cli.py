@@ -306,8 +306,9 @@ def _run_report(args) -> int:
     return 0
 
 
-_COMMANDS: list = [_add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_report, _add_compress]
-_COMMANDS += [_add_eval, _add_demo]
+_COMMANDS: list = [
+    _add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_report, _add_compress, _add_eval, _add_demo,
+]
 
 
 def main(argv: list[str] | None = None) -> int:
