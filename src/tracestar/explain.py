@@ -56,10 +56,9 @@ def document_texts(index, doc_ids) -> dict[str, str]:
 
 def stored_vector(index, doc_id: str) -> np.ndarray:
     """[D] the stored (final) vector of one document."""
-    try:
-        row = index.doc_ids.index(doc_id)
-    except ValueError:
-        raise UserError(f"{index.path}: no document with id {doc_id!r}") from None
+    row = index.store.row_of(doc_id)
+    if row is None:
+        raise UserError(f"{index.path}: no document with id {doc_id!r}")
     for shard_no, info in enumerate(index.store.shards):
         if info["start"] <= row < info["start"] + info["rows"]:
             shard = index.store.load_shard("vectors", shard_no)

@@ -118,6 +118,7 @@ class IndexStore:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self._docs: list[DocRow] | None = None
+        self._rows: dict[str, int] | None = None
         self._verified: set[tuple[str, int]] = set()
 
     @property
@@ -137,6 +138,12 @@ class IndexStore:
     @property
     def doc_ids(self) -> list[str]:
         return [d.doc_id for d in self.docs]
+
+    def row_of(self, doc_id: str) -> int | None:
+        """The row holding `doc_id` (a dict built once per store), or None."""
+        if self._rows is None:
+            self._rows = {d.doc_id: d.row for d in self.docs}
+        return self._rows.get(doc_id)
 
     @property
     def shards(self) -> list[dict]:
