@@ -194,3 +194,29 @@ def test_throughput_bench_llama_path_runs():
     for dtype in (torch.float32, torch.bfloat16):
         r = bench.throughput("tiny", 1024, 4, 512, 1, arch="llama", device="cpu", dtype=dtype, max_len=48)
         assert r["train_tok_s"] > 0 and r["index_tok_s"] > 0 and r["dim"] <= 1024
+
+
+def test_fused_activations_swap_and_restore():
+    """Capture runs GPT-2's tanh-GELU as torch's fused kernel, and leaves the model as it was."""
+    from transformers.activations import NewGELUActivation
+
+    from tracestar.model import fused_activations
+
+    model = gpt2()
+    acts = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
+    assert len(acts) == model.config.n_layer
+    x = torch.randn(4, 7, 32) * 3
+    calls = []
+    real_gelu = torch.nn.functional.gelu
+    try:
+        torch.nn.functional.gelu = lambda t, approximate="none": calls.append(approximate) or real_gelu(t, approximate=approximate)
+        with fused_activations(model) as n:
+            assert n == len(acts)
+            fused = acts[0](x)
+        assert calls == ["tanh"]  # the swapped module went through the fused kernel
+        stock = acts[0](x)
+        assert calls == ["tanh"]  # and the stock op chain is back after exit
+    finally:
+        torch.nn.functional.gelu = real_gelu
+    assert all("forward" not in vars(m) for m in acts)
+    assert torch.allclose(fused, stock, rtol=0, atol=1e-6)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tracestar.batching import Batch, forward_loss, shifted_targets
-from tracestar.model import Site, Tracked
+from tracestar.model import Site, Tracked, fused_activations
 from tracestar.normalizer import Normalizer
 from tracestar.projection import Block, gaussian, layout_dim
 
@@ -138,7 +138,8 @@ class FactoredCapture:
             for t in self.tracked:
                 for site in t.sites:
                     handles.append(site.module.register_forward_hook(self._forward_hook(site, self.mats[t.name])))
-            yield
+            with fused_activations(self.model):
+                yield
         finally:
             for h in handles:
                 h.remove()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,12 @@ try:  # GPT-2 style models store linear weights transposed
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
+
+# HF activation modules that compute the tanh approximation of GELU,
+# 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), as a chain of element-wise ops (eight tensors each
+# way for GPT-2's `gelu_new`). torch has the same function as one fused kernel with a fused
+# backward; see `fused_activations`.
+_TANH_GELU_CLASSES = ("NewGELUActivation", "FastGELUActivation")
 
 
 @dataclass
@@ -161,3 +168,26 @@ def tokenizer_hash(tokenizer) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.gelu(x, approximate="tanh")
+
+
+@contextmanager
+def fused_activations(model: nn.Module):
+    """While active, tanh-GELU activation modules run torch's fused kernel instead of their op chain.
+
+    Same function (the results differ only in rounding, ~1e-7 relative); on GPT-2-style models the
+    unfused chain is the largest element-wise cost of a forward+backward. Used by capture only:
+    the model is restored on exit, so training and evaluation code see it unchanged.
+    """
+    swapped = [m for m in model.modules() if type(m).__name__ in _TANH_GELU_CLASSES]
+    for m in swapped:
+        m.forward = _tanh_gelu  # instance attribute: shadows the class method
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            del m.forward
+
