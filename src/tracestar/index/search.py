@@ -152,6 +152,20 @@ def _chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
     return torch.mm(xc, q_low.T).T.float()
 
 
+def _merge_above_threshold(lst: _RunningTopK, sc: torch.Tensor, first_row: int) -> None:
+    """Merge a chunk's scores [Q, C] into a running list, looking only at columns that can enter.
+
+    A row whose score is ≤ every query's current m-th best cannot change any list, so only the
+    columns where some query beats its threshold are selected and ranked (after the first chunks
+    that is a few per thousand): a compare over the chunk instead of a top-k over it.
+    """
+    cols = torch.nonzero((sc > lst.threshold().unsqueeze(1)).any(dim=0)).squeeze(1)  # [c]
+    if cols.numel() == 0:
+        return
+    v, i = torch.topk(sc.index_select(1, cols), min(lst.k, cols.numel()), dim=1)  # [Q, ≤m]
+    lst.merge(v, cols[i] + first_row)
+
+
 def _scan(
     store: IndexStore,
     q: np.ndarray,
@@ -203,10 +217,8 @@ def _scan(
                 s = torch.mm(q32, xc.float().T)  # exact values satisfy any error bound
             if not unit:
                 xn_max = max(xn_max, torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32).max().item() * 1.01)
-            kk = min(m, hi - lo)
             for lst, sc in ((lists[0], s), (lists[1], -s)):
-                v, i = torch.topk(sc, kk, dim=1)
-                lst.merge(v, i + (start + lo))
+                _merge_above_threshold(lst, sc, start + lo)
 
     base = (a_q * xn_max).unsqueeze(1)  # [Q, 1]
     sides, need = [], []
