@@ -147,8 +147,11 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
             return training_pass(model, [b], device, autocast)
 
     run = {"train": lambda b: training_pass(model, [b], device, autocast),
-           "index": lambda b: indexing_pass(capture, [b], device),
-           "train_fused": train_fused}
+           "index": lambda b: indexing_pass(capture, [b], device)}
+    with fused_activations(model) as n_swapped:
+        pass
+    if n_swapped:  # otherwise both training passes are the same: don't run it twice
+        run["train_fused"] = train_fused
     times = {name: [[] for _ in batches] for name in run}
     cpu = {name: 0.0 for name in run}  # process CPU seconds: less sensitive to other jobs on the cores
     for r in range(rounds):
@@ -171,7 +174,7 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
         "train_tok_s": round(train_tps),
         "index_tok_s": round(index_tps),
         "ratio": round(index_tps / train_tps, 3),
-        "ratio_vs_fused": round(best["train_fused"] / best["index"], 3),
+        "ratio_vs_fused": round(best.get("train_fused", best["train"]) / best["index"], 3),
         "ratio_median": round(median["train"] / median["index"], 3),
         "ratio_cpu": round(cpu["train"] / cpu["index"], 3),
     }
