@@ -220,3 +220,8 @@ def test_fused_activations_swap_and_restore():
         torch.nn.functional.gelu = real_gelu
     assert all("forward" not in vars(m) for m in acts)
     assert torch.allclose(fused, stock, rtol=0, atol=1e-6)
+    wrapped = lambda t: t  # noqa: E731 — an instance-level forward set by someone else stays in place
+    acts[0].forward = wrapped
+    with fused_activations(model) as n:
+        assert n == len(acts) - 1 and acts[0].forward is wrapped
+    assert acts[0].forward is wrapped

@@ -182,7 +182,9 @@ def fused_activations(model: nn.Module):
     unfused chain is the largest element-wise cost of a forward+backward. Used by capture only:
     the model is restored on exit, so training and evaluation code see it unchanged.
     """
-    swapped = [m for m in model.modules() if type(m).__name__ in _TANH_GELU_CLASSES]
+    # A module whose forward is already replaced on the instance (e.g. wrapped by another library's
+    # hooks) is left alone: swapping it would bypass that wrapper.
+    swapped = [m for m in model.modules() if type(m).__name__ in _TANH_GELU_CLASSES and "forward" not in vars(m)]
     for m in swapped:
         m.forward = _tanh_gelu  # instance attribute: shadows the class method
     try:
