@@ -77,6 +77,7 @@ def _run_train(args) -> int:
     print(f"time     {log['seconds']:.0f} s")
     return 0
 
+
 # === index / query / refit (tracestar.api) ===
 
 
@@ -282,7 +283,6 @@ def _run_explain(args) -> int:
     for token, score in top:
         print(f"  {score:+.5f}  {token!r}")
     return 0
-
 
 
 def _add_report(sub) -> None:
