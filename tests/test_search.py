@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tracestar.errors import IndexStoreError
 from tracestar.index import store as st
 from tracestar.index.compress import (
+    _int8_chunk_scores,
     compress,
     dequantize_int8,
+    int8_query_terms,
     quantize_int8,
     search,
     search_compressed,
@@ -122,12 +125,39 @@ def test_exact_scores_gathers_rows(tmp_path, data):
 def test_int8_round_trip():
     x, _ = clustered(200, 1)
     codes, scales = quantize_int8(x)
-    assert codes.dtype == np.int8 and scales.dtype == np.float32
+    assert codes.dtype == np.int8 and scales.dtype == np.float32 and scales.shape == (200, 1)
     err = np.abs(dequantize_int8(codes, scales) - x)
-    assert (err <= scales[:, None] / 2 + 1e-7).all()
+    assert (err <= scales / 2 + 1e-7).all()
     assert np.abs(codes).max() == 127
     c0, s0 = quantize_int8(np.zeros((2, 8), np.float32))
     assert (c0 == 0).all() and (s0 == 0).all()
+
+
+def test_int8_groups_give_a_small_block_its_own_scale():
+    """A block 10× smaller than the rest keeps its precision with a scale of its own."""
+    x, _ = clustered(200, 1)
+    x[:, :16] *= 0.1
+    groups = [(0, 16), (16, D - 16)]
+    codes, scales = quantize_int8(x, groups)
+    assert scales.shape == (200, 2)
+    err = np.abs(dequantize_int8(codes, scales, groups) - x)
+    assert (err[:, :16] <= scales[:, :1] / 2 + 1e-7).all() and (err[:, 16:] <= scales[:, 1:] / 2 + 1e-7).all()
+    row_wide = np.abs(dequantize_int8(*quantize_int8(x)) - x)[:, :16]
+    assert err[:, :16].mean() < 0.3 * row_wide.mean()
+
+
+def test_int8_scores_match_float_math():
+    """Integer matmul scores = dequantized codes · (two-term query), to float rounding."""
+    x, q = clustered(300, 6)
+    groups = [(0, 20), (20, D - 20)]
+    codes, scales = quantize_int8(x, groups)
+    q_codes, q_scales = int8_query_terms(q)
+    n = len(q)
+    q_back = (q_codes[:n].double() * q_scales[:n, None].double() + q_codes[n:].double() * q_scales[n:, None].double())
+    assert (q_back - torch.from_numpy(q).double()).abs().max() < 1e-4 * np.abs(q).max()
+    got = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
+    want = q_back.numpy() @ dequantize_int8(codes, scales, groups).astype(np.float64).T
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_int8_compress_search_and_rerank(tmp_path):
@@ -137,7 +167,7 @@ def test_int8_compress_search_and_rerank(tmp_path):
     entry = compress(store.path, "int8")
     man = json.loads((store.path / "manifest.json").read_text())
     assert man["compressed"]["default"] == "int8" and man["compressed"]["exact_dropped"] is False
-    assert entry["bytes_per_doc"] == D + 4 and len(entry["shards"]) == 3
+    assert entry["bytes_per_doc"] == D + 4 * len(entry["groups"]) and len(entry["shards"]) == 3
     assert (store.path / "compressed/int8/shard-00000.npy").exists()
     store = IndexStore(store.path)
     approx = search_compressed(store, q, 10, rerank=0)
@@ -148,6 +178,43 @@ def test_int8_compress_search_and_rerank(tmp_path):
     np.testing.assert_array_equal(r.opp_rows, ex.opp_rows)
     r2 = search(store, q, 10, exact=True)
     np.testing.assert_array_equal(r2.prop_rows, ex.prop_rows)
+
+
+def test_int8_breaks_ties_between_duplicates_like_exact_search(tmp_path):
+    """Duplicate documents tie in both searches; both keep the lowest rows, as a stable sort does."""
+    x, _ = clustered(400, 1, seed=5)
+    x[100:] = np.repeat(x[:10], 30, axis=0)  # 31 identical copies of each of rows 0..9
+    q = x[:10].copy()  # each query's best score is shared by 31 rows, more than k
+    store = make_index(tmp_path / "idx", x, "float16", shard_docs=150)
+    ex = topk(store, q, 10)
+    for i in range(10):
+        assert sorted(ex.prop_rows[i].tolist()) == [i] + list(range(100 + 30 * i, 109 + 30 * i))
+    compress(store.path, "int8")
+    approx = search_compressed(IndexStore(store.path), q, 10, rerank=0)
+    np.testing.assert_array_equal(np.sort(approx.prop_rows, 1), np.sort(ex.prop_rows, 1))
+
+
+def test_int8_groups_follow_projection_blocks_and_old_entries_still_load(tmp_path):
+    x, q = clustered(300, 4)
+    store = make_index(tmp_path / "idx", x, "float16", shard_docs=300)
+    man = json.loads((store.path / "manifest.json").read_text())
+    man["projection"] = {"blocks": [{"name": f"b{i}", "k": 8, "params": [], "offset": 64 * i} for i in range(4)]}
+    st.write_manifest(store.path, man)
+    entry = compress(store.path, "int8")
+    assert entry["groups"] == [[0, 64], [64, 64], [128, 64], [192, 64]] and entry["bytes_per_doc"] == D + 16
+    store = IndexStore(store.path)
+    new = search_compressed(store, q, 5, rerank=0)
+    # an entry written before groups existed: one row-wide scale, 1-D scales file
+    man = json.loads((store.path / "manifest.json").read_text())
+    e = man["compressed"]["int8"]
+    del e["groups"]
+    codes, scales = quantize_int8(x)
+    e["shards"][0]["codes_sha256"] = st.write_array(store.path / "compressed/int8/shard-00000.npy", codes)
+    e["shards"][0]["scales_sha256"] = st.write_array(store.path / "compressed/int8/scales-00000.npy", scales[:, 0])
+    st.write_manifest(store.path, man)
+    old = search_compressed(IndexStore(store.path), q, 5, rerank=0)
+    assert overlap(old.prop_rows, new.prop_rows) >= 0.8
+    np.testing.assert_allclose(old.prop_scores, new.prop_scores, atol=0.02)
 
 
 def test_pq_recall_and_rerank(tmp_path):

@@ -2,9 +2,13 @@
 
 Two forms, stored beside the exact shards and listed in the manifest under `"compressed"`:
 
-- **int8**: per row, symmetric scale = max|x| / 127, codes = round(x / scale) in [-127, 127].
-  `compressed/int8/shard-NNNNN.npy` (int8 [rows, D]) + `compressed/int8/scales-NNNNN.npy`
-  (float32 [rows]). D + 4 bytes per document: half of fp16.
+- **int8**: per row and projection block, a symmetric scale = max|x| / 127 and codes =
+  round(x / scale) in [-127, 127]. `compressed/int8/shard-NNNNN.npy` (int8 [rows, D]) +
+  `compressed/int8/scales-NNNNN.npy` (float32 [rows, G], G blocks listed in the manifest entry
+  as `groups`: [offset, size] column ranges). D + 4·G bytes per document: half of fp16. One scale
+  per block, not per row, because blocks differ in magnitude (a GPT-2 embedding block can be ~10×
+  smaller than its layer blocks) and a row-wide scale would leave the small block few levels.
+  Scored with exact int8 × int8 → int32 matmuls against a two-term int8 query (below).
 - **pq**: FAISS product quantization trained on the index's own vectors, inner-product metric
   (the vectors are unit-normalised): `IndexPQ`, or `IndexIVFPQ` for large corpora.
   `compressed/pq.faiss`; FAISS ids are the index rows.
@@ -30,6 +34,7 @@ from tracestar.index.search import (
     _as_tensor,
     _check_queries,
     _default_chunk_rows,
+    _merge_above_threshold,
     _RunningTopK,
     exact_scores,
     stored_dtype_of,
@@ -55,18 +60,48 @@ FORMS = ("int8", "pq")
 # --- int8 ----------------------------------------------------------------------------------------
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [n, D] → (int8 codes [n, D], float32 scales [n]); x ≈ codes * scales[:, None]."""
+Groups = list[tuple[int, int]]  # [offset, size] column ranges sharing a scale within a row
+
+
+def whole_row(dim: int) -> Groups:
+    return [(0, dim)]
+
+
+def block_groups(store: IndexStore) -> Groups:
+    """The index's projection blocks as column ranges (one range when the manifest has none)."""
+    blocks = (store.manifest.get("projection") or {}).get("blocks") or []
+    groups = [(int(b["offset"]), int(b["k"]) ** 2) for b in blocks]
+    if not groups or sum(n for _, n in groups) != store.dim:
+        return whole_row(store.dim)
+    return groups
+
+
+def quantize_int8(x: np.ndarray, groups: Groups | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [n, D] → (int8 codes [n, D], float32 scales [n, G]); x ≈ codes · scale of its group."""
     x = np.asarray(x, dtype=np.float32)
-    amax = np.abs(x).max(axis=1) if x.size else np.zeros(x.shape[0], np.float32)
-    scales = (amax / 127.0).astype(np.float32)
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+    groups = groups or whole_row(x.shape[1])
+    codes = np.empty(x.shape, dtype=np.int8)
+    scales = np.zeros((x.shape[0], len(groups)), dtype=np.float32)
+    for g, (o, n) in enumerate(groups):
+        part = x[:, o : o + n]
+        amax = np.abs(part).max(axis=1) if part.size else np.zeros(x.shape[0], np.float32)
+        scales[:, g] = amax / 127.0
+        safe = np.where(scales[:, g] > 0, scales[:, g], 1.0).astype(np.float32)
+        codes[:, o : o + n] = np.clip(np.rint(part / safe[:, None]), -127, 127)
     return codes, scales
 
 
-def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    return np.asarray(codes, dtype=np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+def dequantize_int8(codes: np.ndarray, scales: np.ndarray, groups: Groups | None = None) -> np.ndarray:
+    out = np.asarray(codes, dtype=np.float32).copy()
+    scales = np.asarray(scales, dtype=np.float32).reshape(out.shape[0], -1)
+    for g, (o, n) in enumerate(groups or whole_row(out.shape[1])):
+        out[:, o : o + n] *= scales[:, g : g + 1]
+    return out
+
+
+def entry_groups(entry: dict, dim: int) -> Groups:
+    """The groups of an int8 manifest entry (entries written before groups existed: one per row)."""
+    return [(int(o), int(n)) for o, n in entry.get("groups") or whole_row(dim)]
 
 
 def int8_paths(index_dir: str | Path, shard_no: int) -> tuple[Path, Path]:
@@ -76,13 +111,14 @@ def int8_paths(index_dir: str | Path, shard_no: int) -> tuple[Path, Path]:
 
 def _compress_int8(store: IndexStore, *, verify: bool, block_rows: int = 4096) -> dict:
     stored = stored_dtype_of(store, "vectors")
+    groups = block_groups(store)
     shards = []
     for shard_no, info in enumerate(store.shards):
         block = store.load_shard("vectors", shard_no, verify=verify)
         codes = np.empty(block.shape, dtype=np.int8)
-        scales = np.empty(block.shape[0], dtype=np.float32)
+        scales = np.empty((block.shape[0], len(groups)), dtype=np.float32)
         for lo in range(0, block.shape[0], block_rows):
-            c, s = quantize_int8(as_float32(np.asarray(block[lo : lo + block_rows]), stored))
+            c, s = quantize_int8(as_float32(np.asarray(block[lo : lo + block_rows]), stored), groups)
             codes[lo : lo + len(s)], scales[lo : lo + len(s)] = c, s
         cpath, spath = int8_paths(store.path, shard_no)
         shards.append(
@@ -96,9 +132,10 @@ def _compress_int8(store: IndexStore, *, verify: bool, block_rows: int = 4096) -
         )
     return {
         "path": INT8_DIR,
-        "scheme": "symmetric per-row: scale = max|x| / 127, codes = round(x / scale)",
+        "scheme": "symmetric per row and group: scale = max|x| / 127, codes = round(x / scale)",
+        "groups": [[o, n] for o, n in groups],
         "dim": store.dim,
-        "bytes_per_doc": store.dim + 4,
+        "bytes_per_doc": store.dim + 4 * len(groups),
         "shards": shards,
     }
 
@@ -116,31 +153,77 @@ def _load_int8(store: IndexStore, shard_no: int, entry: dict, verify: bool) -> t
         store._verified.add(key)
     codes = np.load(cpath, mmap_mode="r", allow_pickle=False)
     scales = np.load(spath, allow_pickle=False)
-    if codes.shape != (info["rows"], store.dim) or scales.shape != (info["rows"],):
-        raise IndexStoreError(f"{cpath}: shape {codes.shape}, manifest says ({info['rows']}, {store.dim})")
+    n_groups = len(entry_groups(entry, store.dim))
+    if codes.shape != (info["rows"], store.dim) or scales.reshape(len(scales), -1).shape != (info["rows"], n_groups):
+        raise IndexStoreError(f"{cpath}: shape {codes.shape}, scales {scales.shape}; manifest says "
+                              f"({info['rows']}, {store.dim}) with {n_groups} scale(s) per row")
+    scales = scales.reshape(info["rows"], n_groups)
     return codes, scales
 
 
+# int8 × int8 products summed over at most this many columns fit an int32 accumulator exactly
+# (2^16 · 127² < 2^31).
+_INT32_SAFE_COLUMNS = 1 << 16
+
+
+def int8_query_terms(q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Q, D] ≈ a·c₁ + b·c₂ with int8 c₁, c₂: returns (codes [2Q, D] int8, scales [2Q] float32).
+
+    c₂ quantizes the residual of c₁, so the query error is ~1/127 of one int8 step (well below
+    bf16 rounding); the documents' own int8 error then dominates, and both terms go through one
+    exact integer matmul.
+    """
+    q32 = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    terms, scales, rest = [], [], q32
+    for _ in range(2):
+        sc = rest.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # [Q]
+        c = torch.round(rest / sc[:, None]).clamp_(-127, 127)
+        rest = rest - c * sc[:, None]
+        terms.append(c.to(torch.int8))
+        scales.append(sc)
+    return torch.cat(terms), torch.cat(scales)
+
+
+def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: torch.Tensor, q_scales: torch.Tensor,
+                       groups: Groups) -> torch.Tensor:
+    """[Q, C] approximate scores of a chunk: Σ_groups scale_g · (codes_g · (a c₁ + b c₂)_g).
+
+    codes [C, D] int8, scales [C, G], q_codes_t [D, 2Q] int8, q_scales [2Q]. Each group's
+    integer matmul is exact; the int32 → float32 conversion and the scaling round once.
+    """
+    n_q = q_scales.shape[0] // 2
+    out = torch.zeros(codes.shape[0], n_q)
+    for g, (o, n) in enumerate(groups):
+        dots = torch.zeros(codes.shape[0], 2 * n_q)  # [C, 2Q]
+        for lo in range(o, o + n, _INT32_SAFE_COLUMNS):
+            hi = min(o + n, lo + _INT32_SAFE_COLUMNS)
+            dots += torch._int_mm(codes[:, lo:hi], q_codes_t[lo:hi]).float()
+        dots *= q_scales
+        out.addcmul_(dots[:, :n_q] + dots[:, n_q:], scales[:, g : g + 1])
+    return out.T
+
+
 def _int8_candidates(store: IndexStore, q: np.ndarray, n_cand: int, entry: dict, verify: bool, chunk_rows: int | None):
-    """Stream the int8 shards: running top-n_cand of the approximate scores (and of their negation)."""
+    """Stream the int8 shards: running top-n_cand of the approximate scores (and of their negation).
+
+    Equal scores are ordered by row as in the exact search: duplicate documents have identical
+    codes, so they tie here exactly as they tie there, and the same one is listed first.
+    """
     n_q = q.shape[0]
-    props, opps = _RunningTopK(n_q, n_cand), _RunningTopK(n_q, n_cand)
-    # int8 values are exact in bf16 (8 significant bits), so the chunk decode is exact and the
-    # matmul runs on the fast bf16 path; only the query is rounded.
-    qb = torch.from_numpy(q).to(torch.bfloat16)
-    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, 2)
+    props, opps = _RunningTopK(n_q, n_cand, "asc"), _RunningTopK(n_q, n_cand, "desc")
+    groups = entry_groups(entry, store.dim)
+    q_codes, q_scales = int8_query_terms(q)
+    q_codes_t = q_codes.T  # [D, 2Q], the layout oneDNN's s8 gemm reads fastest here
+    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, 1)
     for shard_no, info in enumerate(entry["shards"]):
         codes, scales = _load_int8(store, shard_no, entry, verify)
         start = int(info["start"])
         for lo in range(0, codes.shape[0], rows_per_chunk):
             hi = min(codes.shape[0], lo + rows_per_chunk)
-            xc = _as_tensor(codes[lo:hi], "int8").to(torch.bfloat16)
-            s = torch.mm(qb, xc.T).float() * torch.from_numpy(scales[lo:hi]).unsqueeze(0)
-            kk = min(n_cand, hi - lo)
-            v, i = torch.topk(s, kk, dim=1)
-            props.merge(v, i + start + lo)
-            v, i = torch.topk(-s, kk, dim=1)
-            opps.merge(v, i + start + lo)
+            s = _int8_chunk_scores(_as_tensor(codes[lo:hi], "int8"), torch.from_numpy(scales[lo:hi]),
+                                   q_codes_t, q_scales, groups)
+            _merge_above_threshold(props, s, start + lo)
+            _merge_above_threshold(opps, -s, start + lo)
     return props, opps
 
 

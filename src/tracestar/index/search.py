@@ -162,6 +162,9 @@ def _merge_above_threshold(lst: _RunningTopK, sc: torch.Tensor, first_row: int) 
     cols = torch.nonzero((sc > lst.threshold().unsqueeze(1)).any(dim=0)).squeeze(1)  # [c]
     if cols.numel() == 0:
         return
+    if lst.ties is not None:  # a top-k cut could split equal scores: let merge order them by row
+        lst.merge(sc.index_select(1, cols), cols + first_row)
+        return
     v, i = torch.topk(sc.index_select(1, cols), min(lst.k, cols.numel()), dim=1)  # [Q, ≤m]
     lst.merge(v, cols[i] + first_row)
 
