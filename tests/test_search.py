@@ -192,6 +192,11 @@ def test_int8_breaks_ties_between_duplicates_like_exact_search(tmp_path):
     compress(store.path, "int8")
     approx = search_compressed(IndexStore(store.path), q, 10, rerank=0)
     np.testing.assert_array_equal(np.sort(approx.prop_rows, 1), np.sort(ex.prop_rows, 1))
+    compress(store.path, "pq", m=16, niter=2)
+    for form, n in (("int8", 60), ("pq", 400)):  # re-ranked: exact scores tie, whatever order the codes gave
+        reranked = search_compressed(IndexStore(store.path), q, 10, rerank=n, form=form)
+        np.testing.assert_array_equal(reranked.prop_rows, ex.prop_rows)
+        np.testing.assert_array_equal(reranked.opp_rows, ex.opp_rows)
 
 
 def test_int8_groups_follow_projection_blocks_and_old_entries_still_load(tmp_path):

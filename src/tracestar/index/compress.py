@@ -513,6 +513,10 @@ def search_compressed(
     else:
         p_sc = np.where(p_rows >= 0, p_sc, -np.inf)
         o_sc = np.where(o_rows >= 0, o_sc, np.inf)
+    # equal scores (duplicate documents) in the order the exact search gives them: proponents by
+    # ascending row, opponents by descending row; then a stable sort by score
+    p_rows, p_sc = _by_row(p_rows, p_sc, descending=False)
+    o_rows, o_sc = _by_row(o_rows, o_sc, descending=True)
     pi = np.argsort(-p_sc, axis=1, kind="stable")[:, :k_out]
     oi = np.argsort(o_sc, axis=1, kind="stable")[:, :k_out]
     return SearchResult(
@@ -521,6 +525,12 @@ def search_compressed(
         opp_rows=np.take_along_axis(o_rows, oi, 1),
         opp_scores=np.take_along_axis(o_sc, oi, 1).astype(np.float32),
     )
+
+
+def _by_row(rows: np.ndarray, scores: np.ndarray, *, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's candidates [Q, c] reordered by row."""
+    o = np.argsort(-rows if descending else rows, axis=1, kind="stable")
+    return np.take_along_axis(rows, o, 1), np.take_along_axis(scores, o, 1)
 
 
 def search(

@@ -162,11 +162,29 @@ def _merge_above_threshold(lst: _RunningTopK, sc: torch.Tensor, first_row: int) 
     cols = torch.nonzero((sc > lst.threshold().unsqueeze(1)).any(dim=0)).squeeze(1)  # [c]
     if cols.numel() == 0:
         return
-    if lst.ties is not None:  # a top-k cut could split equal scores: let merge order them by row
-        lst.merge(sc.index_select(1, cols), cols + first_row)
-        return
-    v, i = torch.topk(sc.index_select(1, cols), min(lst.k, cols.numel()), dim=1)  # [Q, ≤m]
+    sub = sc.index_select(1, cols)  # [Q, c]
+    v, i = torch.topk(sub, min(lst.k, cols.numel()), dim=1)  # [Q, ≤m]
+    if lst.ties is not None and cols.numel() > lst.k:
+        _mend_split_ties(sub, v, i, lst.ties)
     lst.merge(v, cols[i] + first_row)
+
+
+def _mend_split_ties(sub: torch.Tensor, v: torch.Tensor, i: torch.Tensor, ties: str) -> None:
+    """Where top-k cut through equal scores (exact duplicates), keep the tied columns a stable sort keeps.
+
+    torch.topk picks any of the tied columns at the boundary; columns are in row order, so "asc"
+    keeps the first ones and "desc" the last. Rare, so mended per affected query, in place.
+    """
+    kth = v[:, -1:]  # [Q, 1]
+    split = (sub == kth).sum(dim=1) > (v == kth).sum(dim=1)  # [Q] more ties than slots for them
+    for qi in torch.nonzero(split).squeeze(1).tolist():
+        above = torch.nonzero(sub[qi] > kth[qi]).squeeze(1)
+        tied = torch.nonzero(sub[qi] == kth[qi]).squeeze(1)
+        tied = tied[: v.shape[1] - above.numel()] if ties == "asc" else tied.flip(0)[: v.shape[1] - above.numel()]
+        keep = torch.cat([above, tied])
+        order = torch.argsort(sub[qi, keep], descending=True, stable=True)
+        i[qi] = keep[order]
+        v[qi] = sub[qi, i[qi]]
 
 
 def _scan(
