@@ -158,6 +158,14 @@ def test_int8_scores_match_float_math():
     got = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
     want = q_back.numpy() @ dequantize_int8(codes, scales, groups).astype(np.float64).T
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    import tracestar.index.compress as comp  # a torch build without an int8 gemm: same numbers
+
+    saved, comp._HAS_INT_MM = comp._HAS_INT_MM, False
+    try:
+        fallback = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
+    finally:
+        comp._HAS_INT_MM = saved
+    torch.testing.assert_close(fallback, got, rtol=1e-6, atol=1e-7)
 
 
 def test_int8_compress_search_and_rerank(tmp_path):

@@ -184,6 +184,21 @@ def int8_query_terms(q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(terms), torch.cat(scales)
 
 
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 [m, n] = a [m, k] · b [k, n] for int8 operands: torch's int8 gemm (VNNI on x86),
+    or, where this torch build has none for the device, a float32 matmul of the same integers."""
+    global _HAS_INT_MM
+    if _HAS_INT_MM:
+        try:
+            return torch._int_mm(a, b).float()
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _HAS_INT_MM = False
+    return a.float() @ b.float()
+
+
+_HAS_INT_MM = True
+
+
 def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: torch.Tensor, q_scales: torch.Tensor,
                        groups: Groups) -> torch.Tensor:
     """[Q, C] approximate scores of a chunk: Σ_groups scale_g · (codes_g · (a c₁ + b c₂)_g).
@@ -197,7 +212,7 @@ def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: tor
         dots = torch.zeros(codes.shape[0], 2 * n_q)  # [C, 2Q]
         for lo in range(o, o + n, _INT32_SAFE_COLUMNS):
             hi = min(o + n, lo + _INT32_SAFE_COLUMNS)
-            dots += torch._int_mm(codes[:, lo:hi], q_codes_t[lo:hi]).float()
+            dots += _int8_matmul(codes[:, lo:hi], q_codes_t[lo:hi])
         dots *= q_scales
         out.addcmul_(dots[:, :n_q] + dots[:, n_q:], scales[:, g : g + 1])
     return out.T
