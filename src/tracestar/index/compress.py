@@ -184,6 +184,9 @@ def int8_query_terms(q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(terms), torch.cat(scales)
 
 
+_HAS_INT_MM = True  # cleared the first time torch._int_mm turns out to be missing for the device
+
+
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """float32 [m, n] = a [m, k] · b [k, n] for int8 operands: torch's int8 gemm (VNNI on x86),
     or, where this torch build has none for the device, a float32 matmul of the same integers."""
@@ -194,9 +197,6 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, NotImplementedError, AttributeError):
             _HAS_INT_MM = False
     return a.float() @ b.float()
-
-
-_HAS_INT_MM = True
 
 
 def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: torch.Tensor, q_scales: torch.Tensor,
