@@ -19,7 +19,7 @@ from tracestar import dist
 from tracestar.batching import encode_document
 from tracestar.build import BuildOptions, Tracer, build_index, finalize_vectors, refit  # noqa: F401 (re-exported)
 from tracestar.corpus import Query, read_queries, write_jsonl
-from tracestar.errors import UserError
+from tracestar.errors import UserError, check_int
 from tracestar.index.store import IndexStore
 from tracestar.normalizer import Normalizer
 from tracestar.preconditioner import Preconditioner
@@ -46,9 +46,16 @@ class Index:
         return self.store.doc_ids
 
     @property
+    def max_length(self) -> int:
+        """The manifest's max_length, never beyond the model's window (indexes built before the
+        build clamped it may record a longer one)."""
+        window = self._tracer.window if self._tracer is not None else None
+        return min(self.manifest["max_length"], window or self.manifest["max_length"])
+
+    @property
     def options(self) -> BuildOptions:
         m = self.manifest
-        return BuildOptions(max_length=m["max_length"], unit_norm=m["unit_norm"], seed=m["projection"]["seed"], quiet=True)
+        return BuildOptions(max_length=self.max_length, unit_norm=m["unit_norm"], seed=m["projection"]["seed"], quiet=True)
 
     def tracer(self, model_dir: str | Path | None = None, device: str | None = None) -> Tracer:
         """The model this index was built with; a model with another fingerprint is refused."""
@@ -79,13 +86,14 @@ class Index:
     def document_vectors(self, texts: list[str], model_dir: str | Path | None = None) -> np.ndarray:
         """[N, D] final vectors for texts treated as training documents."""
         tracer = self.tracer(model_dir)
-        examples = [encode_document(tracer.tokenizer, t, i, self.manifest["max_length"]) for i, t in enumerate(texts)]
+        examples = [encode_document(tracer.tokenizer, t, i, self.max_length) for i, t in enumerate(texts)]
         raw = torch.from_numpy(tracer.raw_vectors(self._capture, examples, self.options))
         return finalize_vectors(raw, self.preconditioner, self.manifest["unit_norm"]).numpy()
 
     def search_vectors(self, vectors: np.ndarray, top_k: int = 10, *, exact: bool = False, rerank: int | None = None):
         from tracestar.index.compress import search
 
+        check_search_options(top_k, rerank)
         return search(self.store, np.asarray(vectors, dtype=np.float32), top_k, exact=exact, rerank=rerank)
 
     def query(
@@ -98,6 +106,7 @@ class Index:
         rerank: int | None = None,
     ) -> list[dict]:
         """Top-k proponents (descending score) and opponents (ascending) per query, in input order."""
+        check_search_options(top_k, rerank)
         if not queries:
             return []
         found = self.search_vectors(self.query_vectors(queries, model_dir), top_k, exact=exact, rerank=rerank)
@@ -124,11 +133,19 @@ def open_index(path: str | Path) -> Index:
     return Index(path)
 
 
+def check_search_options(top_k: int, rerank: int | None) -> None:
+    """--top-k ≥ 1 (a search that returns nothing is a mistake, not a request); --rerank ≥ 0
+    (0 keeps the compressed form's own scores)."""
+    check_int("--top-k", top_k, minimum=1)
+    check_int("--rerank", rerank, minimum=0, optional=True)
+
+
 def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False, rerank=None) -> list[dict]:
     """`tracestar query`: read QUERIES.jsonl, write RESULTS.jsonl (one object per query, input order).
 
     Under torchrun each rank scans its own shards and the lists are merged; rank 0 writes the file.
     """
+    check_search_options(top_k, rerank)
     queries = read_queries(queries_path)
     dist.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
     results = open_index(index_dir).query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank)

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from tracestar.errors import UserError
+
 
 @dataclass
 class Example:
@@ -64,18 +66,33 @@ def encode_document(tokenizer, text: str, row: int, max_length: int) -> Example:
     return Example(row=row, ids=ids, loss_from=1, truncated=truncated)
 
 
+class TargetTooLong(UserError):
+    """A query target that cannot be scored whole within `max_length` positions (one goes to context)."""
+
+    def __init__(self, n_target: int, max_length: int):
+        self.n_target, self.max_length = n_target, max_length
+        self.problem = (f"{n_target} tokens do not fit in {max_length} positions (the model's window or "
+                        f"--max-length), which leave room for {max_length - 1} after one token of context")
+        super().__init__(f"field 'target': {self.problem}")
+
+
 def encode_query(tokenizer, prompt: str, target: str, row: int, max_length: int) -> Example:
     """Prompt tokens then target tokens; only the target is predicted. An empty prompt gets the
-    tokenizer's bos/eos as context so the first target token has something to condition on."""
+    tokenizer's bos/eos as context so the first target token has something to condition on.
+
+    Too long for `max_length`: the prompt is cut from the left (its oldest tokens go, the ones
+    nearest the target stay), and every target token is kept — a target scored in part would be
+    another query. A target that does not fit even after one context token raises `TargetTooLong`.
+    """
     prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
     if not prompt_ids:
         prompt_ids = [_context_token(tokenizer)]
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    if len(target_ids) > max_length - 1:
+        raise TargetTooLong(len(target_ids), max_length)
     truncated = len(prompt_ids) + len(target_ids) > max_length
-    if truncated:  # keep the target whole, drop the prompt's oldest tokens
-        keep = max(1, max_length - len(target_ids))
-        prompt_ids = prompt_ids[-keep:]
-        target_ids = target_ids[: max_length - len(prompt_ids)]
+    if truncated:
+        prompt_ids = prompt_ids[len(prompt_ids) + len(target_ids) - max_length :]
     return Example(row=row, ids=prompt_ids + target_ids, loss_from=len(prompt_ids), truncated=truncated)
 
 

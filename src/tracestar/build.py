@@ -18,11 +18,13 @@ over the model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,13 +33,13 @@ import numpy as np
 import torch
 
 from tracestar import __version__, dist
-from tracestar.batching import bucketed, collate, encode_document, encode_query, forward_loss, pad_id
+from tracestar.batching import TargetTooLong, bucketed, collate, encode_document, encode_query, forward_loss, pad_id
 from tracestar.capture import FactoredCapture
 from tracestar.corpus import Document, Query, corpus_format, iter_documents, read_queries, validate_corpus
-from tracestar.errors import UserError
+from tracestar.errors import IndexStoreError, OptionError, UserError, check_float, check_int
 from tracestar.index import store
-from tracestar.model import coverage, load_model, model_fingerprint, tokenizer_hash, tracked_matrices
-from tracestar.normalizer import Normalizer, estimate, from_optimizer_state, identity
+from tracestar.model import coverage, load_model, model_fingerprint, model_window, tokenizer_hash, tracked_matrices
+from tracestar.normalizer import NoSecondMoment, Normalizer, estimate, from_optimizer_state, identity
 from tracestar.preconditioner import DEFAULT_DAMPING, DEFAULT_R_BLOCK, Preconditioner, RStats, fit, r_ranges
 from tracestar.projection import DEFAULT_DIM, Block, layout_dim, make_layout
 
@@ -72,6 +74,7 @@ class BuildOptions:
     dtype: str | None = None  # default float16 (float32 when vectors are not unit-normalized)
     shard_docs: int = 1024
     normalizer_docs: int = 128
+    estimate_v_if_missing: bool = False  # an optimizer state without V (SGD, Lion): estimate V instead of stopping
     text_field: str = "text"
     id_field: str = "id"
     variant: str | None = None
@@ -103,7 +106,31 @@ class BuildOptions:
             o.device = "cuda" if torch.cuda.is_available() else "cpu"
         if o.autocast not in (None, "bfloat16"):
             raise UserError(f"unknown --autocast {o.autocast!r} (bfloat16)")
+        if o.blocks not in ("paper", "module"):
+            raise OptionError("--blocks", f"unknown layout {o.blocks!r} (paper or module)")
+        o.validate()
         return o
+
+    def validate(self) -> None:
+        """Range-check every number before anything is read or written (an `OptionError` names it).
+
+        Why these bounds: a document needs two tokens for one next-token loss, and a query one
+        context token plus one target token, so `max_length` ≥ 2; R^{-1/2} divides by the damped
+        spectrum, so `damping` must be > 0; λ mixes two matrices, so it lies in [0, 1]. The seed
+        seeds numpy generators, which take no negative seed.
+        """
+        check_int("--proj-dim", self.proj_dim, minimum=1)
+        check_int("--max-length", self.max_length, minimum=2, why=" (one token of context and one to predict)")
+        check_int("--batch-tokens", self.batch_tokens, minimum=1)
+        check_int("--seed", self.seed, minimum=0)
+        check_int("--shard-docs", self.shard_docs, minimum=1)
+        check_int("--fit-docs", self.fit_docs, minimum=1, optional=True)
+        check_int("normalizer_docs", self.normalizer_docs, minimum=1)
+        check_int("r_block", self.r_block, minimum=1)
+        check_float("--damping", self.damping, above=0.0, why=" (R^-1/2 divides by the damped spectrum)")
+        check_float("--lambda", self.lam, minimum=0.0, maximum=1.0, optional=True, why=" (the weight of R_eval in the mix)")
+        if self.lam is not None and self.preconditioner != "mixed":
+            raise OptionError("--lambda", f"weights R_eval in a mixed preconditioner; this one is {self.preconditioner!r}")
 
     def identity(self) -> dict:
         """The options that determine the index's bytes (a rerun with others is refused)."""
@@ -131,7 +158,7 @@ class Tracer:
     def normalizer(self, opts: BuildOptions, sample: list[Document] | None) -> Normalizer:
         if not opts.optimizer_correction:
             return identity(self.tracked)
-        if opts.optimizer_state:
+        if opts.optimizer_state and sample is None:  # a sample means V is estimated even with a state
             return from_optimizer_state(opts.optimizer_state, self.model, self.tracked)
         batches = (
             collate([encode_document(self.tokenizer, d.text, i, opts.max_length)], self.pad).to(self.device)
@@ -155,9 +182,36 @@ class Tracer:
                 progress(len(group), batch.n_tokens)
         return out
 
-    def query_vectors(self, capture: FactoredCapture, queries: list[Query], opts: BuildOptions) -> np.ndarray:
-        examples = [encode_query(self.tokenizer, q.prompt, q.target, i, opts.max_length) for i, q in enumerate(queries)]
-        return self.raw_vectors(capture, examples, opts)
+    def query_vectors(self, capture: FactoredCapture, queries: list[Query], opts: BuildOptions, progress=None) -> np.ndarray:
+        return self.raw_vectors(capture, encode_queries(self.tokenizer, queries, opts.max_length), opts, progress)
+
+    @property
+    def window(self) -> int | None:
+        """The model's context length (None when its config does not say)."""
+        return model_window(self.model)
+
+
+def encode_queries(tokenizer, queries: list[Query], max_length: int) -> list:
+    """Queries as `Example`s; a target that cannot fit is refused naming the query's file and line."""
+    examples = []
+    for i, q in enumerate(queries):
+        try:
+            examples.append(encode_query(tokenizer, q.prompt, q.target, i, max_length))
+        except TargetTooLong as exc:
+            raise UserError(f"{q.describe()}: field 'target': {exc.problem}") from None
+    return examples
+
+
+def clamp_to_window(opts: BuildOptions, window: int | None) -> tuple[BuildOptions, int]:
+    """(options with `max_length` ≤ the model's window, the requested max_length).
+
+    Positions past the window would index outside the model's position embedding, so the
+    effective length is the smaller of the two; the manifest records both.
+    """
+    requested = opts.max_length
+    if window is None or requested <= window:
+        return opts, requested
+    return dataclasses.replace(opts, max_length=window), requested
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -215,54 +269,126 @@ def _sample_rows(n: int, size: int, seed: int, salt: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, salt]).choice(n, size=size, replace=False))
 
 
-def _progress(total: int, quiet: bool, desc: str):
-    """A tqdm bar with tokens/s; returns (callback, close)."""
-    if quiet or dist.rank() != 0:
+def _progress(total: int, quiet: bool, desc: str, unit: str = "doc"):
+    """A tqdm bar (with tokens/s when tokens are reported) on rank 0; returns (callback, close).
+    Nothing to do draws no bar (a "0doc" bar reads like a stall)."""
+    if quiet or dist.rank() != 0 or total <= 0:
         return None, lambda: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="doc", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
     start, tokens = time.perf_counter(), [0]
 
-    def update(n_docs: int, n_tokens: int) -> None:
+    def update(n_items: int, n_tokens: int = 0) -> None:
         tokens[0] += n_tokens
-        bar.update(n_docs)
-        bar.set_postfix_str(f"{tokens[0] / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
+        bar.update(n_items)
+        if tokens[0]:
+            bar.set_postfix_str(f"{tokens[0] / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
 
     return update, bar.close
+
+
+def _loop_bars(opts: BuildOptions, unit: str = "block"):
+    """`progress(items, desc)` for `preconditioner.fit`: one bar per loop on rank 0, none under --quiet."""
+    if opts.quiet or dist.rank() != 0:
+        return lambda items, desc: items
+    from tqdm.auto import tqdm
+
+    def wrap(items, desc):
+        items = list(items)
+        return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True) if items else items
+
+    return wrap
 
 
 # --- the build ---------------------------------------------------------------------------------
 
 
-def _prepare_dir(out: Path, identity: dict, overwrite: bool) -> bool:
-    """Create or check the output directory. Returns True if a finished identical index is there."""
+def _prepare_dir(out: Path, identity: dict, overwrite: bool) -> str:
+    """Create or check the output directory: "new" (empty, build.json written), "resume" (an
+    unfinished build with the same identity) or "built" (a manifest is there: verify it)."""
     build_file = out / BUILD_FILE
     if out.exists() and overwrite and dist.rank() == 0:
         shutil.rmtree(out)
     dist.barrier()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not build_file.exists():
             raise UserError(f"{out}: exists and is not a tracestar build; choose another --out or pass --overwrite")
-        previous = json.loads(build_file.read_text())
+        try:
+            previous = json.loads(build_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{build_file}: unreadable; the build's arguments are unknown, so pass --overwrite") from None
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise UserError(
                 f"{out}: holds a build with different arguments ({', '.join(changed)}); use another --out or --overwrite"
             )
-        return (out / store.MANIFEST).exists()
+        return "built" if (out / store.MANIFEST).exists() else "resume"
     dist.barrier()
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         store.write_json(build_file, identity)
     dist.barrier()
-    return False
+    return "new"
+
+
+@contextmanager
+def _undo_on_failure(out: Path, overwrite: bool, worth_keeping):
+    """Remove what this invocation created in `out` when it fails before `worth_keeping()` is true.
+
+    A build that stops on an error before finishing anything leaves nothing behind — a stray
+    build.json would block the corrected rerun. Work worth resuming (a finished shard) is kept, as
+    is anything that was there before: an interrupted earlier build is never deleted. Ctrl-C is
+    not an error here: it keeps everything so the rerun resumes.
+    """
+    root = None if out.exists() else _first_missing(out)
+    owned_contents = out.is_dir() and (overwrite or not any(out.iterdir()))
+    try:
+        yield
+    except Exception:
+        if dist.rank() == 0 and not worth_keeping():
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
+            elif owned_contents and out.is_dir():
+                for child in out.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost ancestor of `path` (or `path` itself) that does not exist yet."""
+    path = path.absolute()
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _any_sidecar(out: Path, kind: str) -> bool:
+    return (out / kind).is_dir() and any((out / kind).glob("shard-*.json"))
+
+
+def _layout(tracer: Tracer, opts: BuildOptions) -> list[Block]:
+    """The projection blocks; --proj-dim must leave every block at least one 1×1 coordinate.
+
+    Below that, each block would still get k = 1 and the index would be larger than asked.
+    """
+    blocks = make_layout(tracer.tracked, kind=opts.blocks, dim=opts.proj_dim)
+    if opts.proj_dim < len(blocks):
+        raise OptionError(
+            "--proj-dim",
+            f"must be at least {len(blocks)} for this model (its '{opts.blocks}' layout has {len(blocks)} "
+            f"projection blocks of at least 1 coordinate each), got {opts.proj_dim}",
+        )
+    return blocks
 
 
 def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, options: BuildOptions | None = None, **kw) -> Path:
     """Build a TrackStar index of `corpus` for the model in `model_dir` into `out`. Returns `out`.
 
-    Keyword arguments override fields of `options` (see `BuildOptions`).
+    Keyword arguments override fields of `options` (see `BuildOptions`). Rerun on a finished index,
+    it verifies every file the manifest lists and recomputes what is damaged.
     """
     opts = dataclasses.replace(options or BuildOptions(), **kw).resolved()
     corpus, out = Path(corpus), Path(out)
@@ -271,17 +397,30 @@ def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, opti
     n_docs = validate_corpus(corpus, text_field=opts.text_field, id_field=opts.id_field)
     queries = read_queries(opts.eval_queries) if opts.eval_queries else None
     tracer = Tracer(model_dir, opts.device)
+    opts, requested = clamp_to_window(opts, tracer.window)
+    blocks = _layout(tracer, opts)
+    stated = _stated_v(tracer, opts)  # --optimizer-state is read, mapped and shape-checked before anything is written
+    if queries:
+        encode_queries(tracer.tokenizer, queries, opts.max_length)  # a target too long for the window
     identity = {**opts.identity(), "model_fingerprint": tracer.fingerprint, "corpus": _corpus_identity(corpus)}
-    if _prepare_dir(out, identity, opts.overwrite):
-        _say(opts, f"{out}: already built with these arguments; nothing to do")
-        return out
-    blocks = make_layout(tracer.tracked, kind=opts.blocks, dim=opts.proj_dim)
-    normalizer = _normalizer(tracer, corpus, n_docs, opts, out)
-    capture = tracer.capture(blocks, normalizer, opts.seed, opts.autocast)
-    _say(opts, f"tracking {len(tracer.tracked)} matrices, {tracer.coverage['share']:.2%} of {tracer.coverage['n_params']:,} parameters; dim {capture.dim:,} in {len(blocks)} blocks")
-    _raw_phase(tracer, capture, corpus, n_docs, opts, out)
-    base = _base_manifest(tracer, corpus, blocks, normalizer, opts, n_docs)
-    finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer)
+    with _undo_on_failure(out, opts.overwrite, lambda: _any_sidecar(out, "raw")):
+        state = _prepare_dir(out, identity, opts.overwrite)
+        repair = None
+        if state == "built":
+            repair = _start_repair(out, opts)
+            if repair is None:
+                return out
+        if requested != opts.max_length:
+            _say(opts, f"--max-length {requested} is longer than the model's window of {opts.max_length} positions; "
+                       f"documents are truncated at {opts.max_length} tokens")
+        normalizer = _normalizer(tracer, corpus, n_docs, opts, out, stated)
+        capture = tracer.capture(blocks, normalizer, opts.seed, opts.autocast)
+        _say(opts, f"tracking {len(tracer.tracked)} matrices, {tracer.coverage['share']:.2%} of {tracer.coverage['n_params']:,} parameters; dim {capture.dim:,} in {len(blocks)} blocks")
+        raw_done = _raw_phase(tracer, capture, corpus, n_docs, opts, out)
+        base = _base_manifest(tracer, corpus, blocks, normalizer, opts, n_docs, requested)
+        summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=repair)
+    if repair is not None:
+        _say(opts, f"{out}: repaired: {_describe_work(raw_done, summary)}")
     return out
 
 
@@ -296,21 +435,39 @@ def _corpus_identity(corpus: Path) -> dict:
     return {"path": str(p), "bytes": size}
 
 
-def _normalizer(tracer: Tracer, corpus: Path, n_docs: int, opts: BuildOptions, out: Path) -> Normalizer:
+def _stated_v(tracer: Tracer, opts: BuildOptions) -> Normalizer | NoSecondMoment | None:
+    """V from --optimizer-state; with --estimate-v-if-missing, the error of a state without V (then
+    V is estimated and the manifest says so). None when there is no state to read."""
+    if not (opts.optimizer_correction and opts.optimizer_state):
+        return None
+    try:
+        return tracer.normalizer(opts, None)
+    except NoSecondMoment as missing:
+        if not opts.estimate_v_if_missing:
+            raise
+        return missing
+
+
+def _normalizer(tracer: Tracer, corpus: Path, n_docs: int, opts: BuildOptions, out: Path,
+                stated: Normalizer | NoSecondMoment | None = None) -> Normalizer:
     path = out / "normalizer.safetensors"
     info_path = out / "normalizer.json"
     if path.exists() and info_path.exists():  # resume: V was fixed by the interrupted run
         return Normalizer.load(path, json.loads(info_path.read_text()))
     sample = None
-    if opts.optimizer_correction and not opts.optimizer_state:
+    if opts.optimizer_correction and not isinstance(stated, Normalizer):
         rows = set(_sample_rows(n_docs, opts.normalizer_docs, opts.seed, 1).tolist())
         sample = [
             d
             for i, d in enumerate(iter_documents(corpus, text_field=opts.text_field, id_field=opts.id_field))
             if i in rows and _mine(i // opts.shard_docs)
         ]
-        _say(opts, f"no optimizer state: estimating V from the mean squared gradient of {len(rows)} documents")
-    normalizer = tracer.normalizer(opts, sample)
+        why = f"no second moment in the {stated.optimizer} state" if isinstance(stated, NoSecondMoment) else "no optimizer state"
+        _say(opts, f"{why}: estimating V from the mean squared gradient of {len(rows)} documents")
+    normalizer = stated if isinstance(stated, Normalizer) else tracer.normalizer(opts, sample)
+    if isinstance(stated, NoSecondMoment):
+        normalizer.details.update({"optimizer_state": stated.source, "optimizer": stated.optimizer,
+                                   "mapping": stated.mapping, "v_missing": "estimated"})
     if dist.rank() == 0:
         normalizer.save(path)
         store.write_json(info_path, normalizer.to_json())
@@ -318,11 +475,17 @@ def _normalizer(tracer: Tracer, corpus: Path, n_docs: int, opts: BuildOptions, o
     return Normalizer.load(path, json.loads(info_path.read_text()))
 
 
-def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: int, opts: BuildOptions, out: Path) -> None:
+def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: int, opts: BuildOptions, out: Path) -> list[int]:
+    """Write every missing or damaged raw shard of this rank; returns the shard numbers written."""
     n_shards = -(-n_docs // opts.shard_docs)
     mine = [s for s in range(n_shards) if _mine(s)]
     todo = [s for s in mine if _done(out, "raw", s) is None]
     todo_docs = sum(min(opts.shard_docs, n_docs - s * opts.shard_docs) for s in todo)
+    if not todo:
+        if mine:
+            _say(opts, f"resuming: all {len(mine)} shards already complete")
+        dist.barrier()
+        return []
     if len(todo) < len(mine):
         _say(opts, f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
     update, close = _progress(todo_docs, opts.quiet, "indexing")
@@ -347,6 +510,7 @@ def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: i
         finally:
             close()
     dist.barrier()
+    return todo
 
 
 def _write_raw_shard(out: Path, shard_no: int, start: int, raw: np.ndarray, table: list) -> None:
@@ -355,7 +519,8 @@ def _write_raw_shard(out: Path, shard_no: int, start: int, raw: np.ndarray, tabl
     store.write_json(_sidecar(out, "raw", shard_no), {"start": start, "rows": len(table), "sha256": sha, "docs": table})
 
 
-def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer: Normalizer, opts: BuildOptions, n_docs: int) -> dict:
+def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer: Normalizer, opts: BuildOptions, n_docs: int,
+                   max_length_requested: int) -> dict:
     return {
         "format_version": store.FORMAT_VERSION,
         "tracestar_version": __version__,
@@ -385,7 +550,9 @@ def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer
         "normalizer": normalizer.to_json(),
         "optimizer_correction": opts.optimizer_correction,
         "autocast": opts.autocast,
-        "max_length": opts.max_length,
+        "max_length": opts.max_length,  # effective: at most the model's window
+        "max_length_requested": max_length_requested,
+        "model_window": tracer.window,
         "shard_docs": opts.shard_docs,
         "n_docs": n_docs,
     }
@@ -394,68 +561,148 @@ def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer
 # --- phases 3-5, shared by build and refit ------------------------------------------------------
 
 
-def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] | None, query_capture, tracer) -> None:
-    """Fit R on `out`'s raw shards (and the eval queries), write final vectors and the manifest."""
+def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] | None, query_capture, tracer,
+             previous: dict | None = None) -> dict:
+    """Fit R on `out`'s raw shards (and the eval queries), write final vectors and the manifest.
+
+    `previous`: the manifest being repaired (its creation time and still-valid compressed forms
+    carry over). Returns what was done: {"r_refit": bool, "vectors": [shard numbers written]}.
+    """
     n_docs, dim = base["n_docs"], base["dim"]
     blocks = [Block.from_json(b) for b in base["projection"]["blocks"]]
     n_shards = -(-n_docs // opts.shard_docs)
-    precond = _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer)
+    precond, r_refit = _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer)
     precond_sha = store.sha256_file(out / "preconditioner.safetensors")
-    for shard_no in range(n_shards):
-        if not _mine(shard_no) or _done(out, "vectors", shard_no, {"preconditioner": precond_sha}):
-            continue
-        _clear_partial(out, "vectors", shard_no)
-        raw = torch.from_numpy(np.load(store.shard_path(out, "raw", shard_no)))
-        final = finalize_vectors(raw, precond, opts.unit_norm).numpy()
-        sha = store.write_shard(out, "vectors", shard_no, store.encode_dtype(final, opts.dtype))
-        store.write_json(_sidecar(out, "vectors", shard_no), {"sha256": sha, "preconditioner": precond_sha})
+    todo = [s for s in range(n_shards) if _mine(s) and not _done(out, "vectors", s, {"preconditioner": precond_sha})]
+    update, close = _progress(sum(_rows_of(s, n_docs, opts.shard_docs) for s in todo), opts.quiet, "final vectors")
+    try:
+        for shard_no in todo:
+            _clear_partial(out, "vectors", shard_no)
+            raw = torch.from_numpy(np.load(store.shard_path(out, "raw", shard_no)))
+            final = finalize_vectors(raw, precond, opts.unit_norm).numpy()
+            sha = store.write_shard(out, "vectors", shard_no, store.encode_dtype(final, opts.dtype))
+            store.write_json(_sidecar(out, "vectors", shard_no), {"sha256": sha, "preconditioner": precond_sha})
+            if update is not None:
+                update(raw.shape[0])
+    finally:
+        close()
     dist.barrier()
     if dist.rank() == 0:
-        _write_manifest(out, base, opts, precond, n_shards)
+        _write_manifest(out, base, opts, precond, n_shards, previous)
     dist.barrier()
+    return {"r_refit": r_refit, "vectors": todo}
 
 
-def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer) -> Preconditioner:
+def _rows_of(shard_no: int, n_docs: int, shard_docs: int) -> int:
+    return min(shard_docs, n_docs - shard_no * shard_docs)
+
+
+def _r_inputs(out: Path, opts: BuildOptions, sample: np.ndarray, n_shards: int) -> str:
+    """sha256 of everything R depends on: its options, the bytes of the raw shards its sample
+    reads (from their verified sidecars), and the eval queries' file. Equal ⇒ R can be reused."""
+    touched = sorted({int(r) // opts.shard_docs for r in sample.tolist()}) if opts.preconditioner != "none" else []
+    spec = {
+        "kind": opts.preconditioner,
+        "lambda": opts.lam,
+        "damping": opts.damping,
+        "r_block": opts.r_block,
+        "sample": [len(sample), opts.seed],
+        "raw": {s: json.loads(_sidecar(out, "raw", s).read_text())["sha256"] for s in touched if s < n_shards},
+        "eval_queries": store.sha256_file(opts.eval_queries) if opts.preconditioner == "mixed" else None,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable_preconditioner(out: Path, inputs: str) -> Preconditioner | None:
+    """The R^{-1/2} already in `out` when it was fitted on exactly these inputs (resume, repair)."""
+    path, info_path = out / "preconditioner.safetensors", out / "preconditioner.json"
+    if not (path.exists() and info_path.exists()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        if info.get("inputs_sha256") != inputs:
+            return None
+        return Preconditioner.load(path, info)
+    except Exception:  # noqa: BLE001 - an unreadable leftover is simply refitted
+        return None
+
+
+def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer) -> tuple[Preconditioner, bool]:
+    """(R^{-1/2}, whether it was fitted now): reused when its inputs are unchanged, else fitted."""
     path = out / "preconditioner.safetensors"
     kind = opts.preconditioner
     ranges = r_ranges(blocks, opts.r_block)
+    fit_docs = min(n_docs, opts.fit_docs or 10_000)
+    sample = _sample_rows(n_docs, fit_docs, opts.seed, 2) if kind != "none" else np.zeros(0, dtype=np.int64)
+    inputs = _r_inputs(out, opts, sample, n_shards)
+    reused = dist.broadcast_object(_reusable_preconditioner(out, inputs) is not None if dist.rank() == 0 else None)
+    if reused:
+        return Preconditioner.load(path, json.loads((out / "preconditioner.json").read_text())), False
     stats: dict[str, RStats] = {}
     if kind != "none":
-        fit_docs = min(n_docs, opts.fit_docs or 10_000)
-        sample = _sample_rows(n_docs, fit_docs, opts.seed, 2)
-        train = RStats(ranges)
-        for shard_no in range(n_shards):
-            if not _mine(shard_no):
-                continue
-            start = shard_no * opts.shard_docs
-            raw = np.load(store.shard_path(out, "raw", shard_no), mmap_mode="r")
-            local = sample[(sample >= start) & (sample < start + raw.shape[0])] - start
-            if len(local):
-                train.update(torch.from_numpy(np.asarray(raw[local])))
-        train.all_reduce(dist.all_reduce_)
-        stats["train"] = train
+        stats["train"] = _train_stats(out, ranges, sample, n_shards, opts)
     if kind == "mixed":
         mine = [q for i, q in enumerate(queries) if i % dist.world() == dist.rank()]
         evals = RStats(ranges)
         if mine:
-            evals.update(torch.from_numpy(tracer.query_vectors(query_capture, mine, opts)))
+            update, close = _progress(len(mine), opts.quiet, "R_eval: eval-query gradients", unit="query")
+            try:
+                evals.update(torch.from_numpy(tracer.query_vectors(query_capture, mine, opts, update)))
+            finally:
+                close()
         evals.all_reduce(dist.all_reduce_)
         stats["eval"] = evals
     if dist.rank() == 0:
-        precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping, dim=dim)
+        precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping, dim=dim,
+                      progress=_loop_bars(opts))
         if kind == "mixed":
             precond.info["eval_queries"] = str(Path(opts.eval_queries).resolve())
         precond.info["fit_docs"] = int(stats["train"].count) if "train" in stats else 0
         precond.info["r_block"] = opts.r_block
+        precond.info["inputs_sha256"] = inputs
+        # The description goes first, so a description on disk always belongs to the matrices beside it.
+        (out / "preconditioner.json").unlink(missing_ok=True)
         precond.save(path, stats)
         store.write_json(out / "preconditioner.json", precond.to_json())
         if kind == "mixed":
             _say(opts, f"mixed preconditioner: λ = {precond.lam:.4f} ({precond.info.get('lambda_source')})")
     dist.barrier()
-    return Preconditioner.load(path, json.loads((out / "preconditioner.json").read_text()))
+    return Preconditioner.load(path, json.loads((out / "preconditioner.json").read_text())), True
 
 
-def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Preconditioner, n_shards: int) -> None:
+def _train_stats(out: Path, ranges, sample: np.ndarray, n_shards: int, opts: BuildOptions) -> RStats:
+    """Σ g gᵀ over the sampled raw rows of this rank's shards, all-reduced."""
+    train = RStats(ranges)
+    mine = [s for s in range(n_shards) if _mine(s)]
+    bounds = {s: (s * opts.shard_docs, (s + 1) * opts.shard_docs) for s in mine}
+    n_mine = sum(int(((sample >= lo) & (sample < hi)).sum()) for lo, hi in bounds.values())
+    update, close = _progress(n_mine, opts.quiet, "R_train: statistics")
+    try:
+        for shard_no in mine:
+            lo, hi = bounds[shard_no]
+            local = sample[(sample >= lo) & (sample < hi)] - lo
+            if not len(local):
+                continue
+            raw = np.load(store.shard_path(out, "raw", shard_no), mmap_mode="r")
+            train.update(torch.from_numpy(np.asarray(raw[local])))
+            if update is not None:
+                update(len(local))
+    finally:
+        close()
+    train.all_reduce(dist.all_reduce_)
+    return train
+
+
+def _checksummed_files(out: Path, n_shards: int) -> list[str]:
+    """Files besides the shards whose sha256 the manifest records (a rerun verifies them)."""
+    names = ["normalizer.safetensors", "normalizer.json", "preconditioner.safetensors", "preconditioner.json", store.DOCS]
+    for kind in store.KINDS:
+        names += [f"{kind}/{store.shard_name(s)}.json" for s in range(n_shards)]
+    return [n for n in names if (out / n).exists()]
+
+
+def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Preconditioner, n_shards: int,
+                    previous: dict | None = None) -> None:
     from tracestar.corpus import write_jsonl
 
     shards: list[dict] = []
@@ -477,9 +724,10 @@ def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Precondi
 
     write_jsonl(out / store.DOCS, doc_rows())
     n_tokens, n_truncated = counts["tokens"], counts["truncated"]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = {
         **base,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": (previous or {}).get("created", now),
         "variant": opts.variant or _variant_name(opts),
         "unit_norm": opts.unit_norm,
         "dtype": opts.dtype,
@@ -489,9 +737,151 @@ def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Precondi
         "world_size": dist.world(),
         "shards": shards,
         "files": {"normalizer": "normalizer.safetensors", "preconditioner": "preconditioner.safetensors", "docs": store.DOCS},
+        "checksums": {name: store.sha256_file(out / name) for name in _checksummed_files(out, n_shards)},
     }
+    if previous is not None:
+        manifest["repaired"] = now
+        compressed = _surviving_compressed(previous, shards)
+        if compressed:
+            manifest["compressed"] = compressed
+        elif any(f in (previous.get("compressed") or {}) for f in ("int8", "pq")):
+            for _, rel, _ in _compressed_files(out, previous):
+                (out / rel).unlink(missing_ok=True)
+            _say(opts, f"{out}: the final vectors changed, so the compressed forms made from them were dropped; "
+                       f"run `tracestar compress` again")
     store.write_manifest(out, manifest)
     _say(opts, f"{out}: {base['n_docs']:,} documents, {n_tokens:,} tokens ({n_truncated} truncated at {opts.max_length}), dim {base['dim']:,}, {opts.dtype}")
+
+
+# --- rerun: verify, repair ------------------------------------------------------------------------
+
+
+def _start_repair(out: Path, opts: BuildOptions) -> dict | None:
+    """Verify a finished index against its manifest. None when every listed file matches.
+
+    Otherwise the damaged files and everything derived from them are removed, and so is the
+    manifest (until the repair finishes the index is an unfinished build, which resumes); the
+    build then recomputes what is missing. Returns the old manifest ({} if it was unreadable).
+    """
+    previous = damaged = None
+    n_files = 0
+    if dist.rank() == 0:
+        previous, damaged, n_files = _verify_built(out, opts)
+        if damaged:
+            _remove_damaged(out, previous, damaged, opts)
+    previous, damaged, n_files = dist.broadcast_object((previous, damaged, n_files))
+    dist.barrier()
+    if not damaged:
+        _say(opts, f"{out}: already built with these arguments; {n_files} files verified; nothing to do")
+        return None
+    _say(opts, f"{out}: damaged: {', '.join(f'{rel} ({problem})' for rel, problem in damaged)}; repairing")
+    return previous
+
+
+def _verify_built(out: Path, opts: BuildOptions) -> tuple[dict, list[tuple[str, str]], int]:
+    """(manifest, [(relative path, problem)], number of files checked) for every file it lists."""
+    try:
+        manifest = store.read_manifest(out)
+        files = _listed_files(out, manifest)
+    except (IndexStoreError, KeyError, TypeError, ValueError):
+        return {}, [(store.MANIFEST, "unreadable")], 1
+    damaged = []
+    for rel, sha in _loop_bars(opts, unit="file")(files, "verifying"):
+        path = out / rel
+        if not path.is_file():
+            damaged.append((rel, "missing"))
+        elif store.sha256_file(path) != sha:
+            damaged.append((rel, "checksum mismatch"))
+    return manifest, damaged, len(files)
+
+
+def _listed_files(out: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(relative path, sha256) of every file a manifest vouches for: shards, sidecars, V, R, the
+    doc table, compressed forms. Manifests written before `checksums` existed list the shards only."""
+    files = []
+    for info in manifest["shards"]:
+        files.append((f"raw/{info['name']}.npy", info["raw_sha256"]))
+        if info.get("vectors_sha256"):  # None once `compress --drop-exact` removed them
+            files.append((f"vectors/{info['name']}.npy", info["vectors_sha256"]))
+    files += sorted((manifest.get("checksums") or {}).items())
+    files += [(rel, sha) for _, rel, sha in _compressed_files(out, manifest)]
+    return files
+
+
+def _compressed_files(out: Path, manifest: dict) -> list[tuple[str, str, str]]:
+    """(form, relative path, sha256) of the compressed forms' files."""
+    comp = manifest.get("compressed") or {}
+    found = []
+    if "int8" in comp:
+        from tracestar.index.compress import int8_paths
+
+        for shard_no, info in enumerate(comp["int8"]["shards"]):
+            codes, scales = int8_paths(out, shard_no)
+            found += [("int8", str(codes.relative_to(out)), info["codes_sha256"]),
+                      ("int8", str(scales.relative_to(out)), info["scales_sha256"])]
+    if "pq" in comp:
+        found.append(("pq", comp["pq"]["path"], comp["pq"]["sha256"]))
+    return found
+
+
+def _remove_damaged(out: Path, manifest: dict, damaged: list[tuple[str, str]], opts: BuildOptions) -> None:
+    """Delete each damaged file and what is computed from it, so the resumed build redoes them.
+
+    raw shard → it and its final vectors (R is refitted only if its sample read that shard, see
+    `_r_inputs`); final vectors → them; V → everything; R → R (vectors follow if it changes);
+    doc table → nothing (always rewritten); a compressed form → the form (`tracestar compress` again).
+    """
+    doomed: set[str] = set()
+    forms = {rel: form for form, rel, _ in _compressed_files(out, manifest)} if manifest else {}
+    for rel, _ in damaged:
+        top, _, name = rel.partition("/")
+        if top in store.KINDS:
+            stem = name.split(".")[0]
+            for kind in (("raw", "vectors") if top == "raw" else ("vectors",)):
+                doomed |= {f"{kind}/{stem}.npy", f"{kind}/{stem}.json"}
+        elif rel.startswith("normalizer."):
+            doomed |= {"normalizer.safetensors", "normalizer.json", "preconditioner.safetensors", "preconditioner.json"}
+            doomed |= {str(p.relative_to(out)) for kind in store.KINDS for p in (out / kind).glob("shard-*")}
+        elif rel.startswith("preconditioner."):
+            doomed |= {"preconditioner.safetensors", "preconditioner.json"}
+        elif rel in forms:
+            form = forms[rel]
+            doomed |= {r for r, f in forms.items() if f == form}
+            manifest.get("compressed", {}).pop(form, None)
+            _say(opts, f"{out}: compressed form {form} dropped; run `tracestar compress --index {out} --kind {form}` again")
+    for rel in sorted(doomed):
+        (out / rel).unlink(missing_ok=True)
+    (out / store.MANIFEST).unlink(missing_ok=True)
+
+
+def _surviving_compressed(previous: dict, shards: list[dict]) -> dict | None:
+    """The old compressed forms, if the final vectors they were made from are byte-identical."""
+    comp = dict(previous.get("compressed") or {})
+    forms = [f for f in ("int8", "pq") if f in comp]
+    if not forms:
+        return None
+    old = {s["name"]: s.get("vectors_sha256") or s.get("vectors_sha256_dropped") for s in previous.get("shards", [])}
+    if all(old.get(s["name"]) == s["vectors_sha256"] for s in shards):
+        comp["exact_dropped"] = False  # the repair wrote the exact vectors again
+        comp.pop("exact_dropped_at", None)
+        return comp
+    return None
+
+
+def _describe_work(raw_done: list[int], summary: dict) -> str:
+    """"recomputed raw shards 1, 3, final vectors of shards 1, 2, 3 and the manifest; R reused"."""
+    def shards(nos: list[int]) -> str:
+        return f"shard{'s' if len(nos) > 1 else ''} {', '.join(map(str, nos))}"
+
+    parts = [f"raw {shards(raw_done)}"] if raw_done else []
+    if summary["r_refit"]:
+        parts.append("R")
+    if summary["vectors"]:
+        parts.append(f"final vectors of {shards(summary['vectors'])}")
+    parts.append("the manifest")
+    done = ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else parts[0]
+    kept = "" if summary["r_refit"] else "; R reused (the shards its sample reads are unchanged)"
+    return f"recomputed {done}{kept}"
 
 
 def _variant_name(opts: BuildOptions) -> str:
@@ -524,6 +914,8 @@ def refit(
     """
     src, out = Path(index_dir), Path(out)
     manifest = store.read_manifest(src)
+    if not (src / BUILD_FILE).is_file():
+        raise IndexStoreError(f"{src}: no {BUILD_FILE} (the arguments it was built with), so it cannot be refitted")
     prev = json.loads((src / BUILD_FILE).read_text())
     opts = BuildOptions(
         **{k: v for k, v in prev.items() if k in {f.name for f in dataclasses.fields(BuildOptions)}},
@@ -543,21 +935,40 @@ def refit(
         tracer = Tracer(model_dir or manifest["model"]["path"], opts.device)
         if tracer.fingerprint != manifest["model"]["fingerprint"]:
             raise UserError(f"{model_dir}: model fingerprint differs from the index's ({src}); refusing to mix them")
+        encode_queries(tracer.tokenizer, queries, opts.max_length)  # a target too long for the window
         normalizer = Normalizer.load(src / "normalizer.safetensors", manifest["normalizer"])
         blocks = [Block.from_json(b) for b in manifest["projection"]["blocks"]]
         capture = tracer.capture(blocks, normalizer, manifest["projection"]["seed"], manifest.get("autocast"))
     identity = {**opts.identity(), "model_fingerprint": manifest["model"]["fingerprint"], "corpus": prev["corpus"]}
-    if _prepare_dir(out, identity, overwrite):
-        return out
-    if dist.rank() == 0:
-        raw_files = [f"raw/{p.name}" for p in sorted((src / "raw").iterdir()) if ".tmp-" not in p.name]
-        for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS, *raw_files]:
-            _link(src / rel, out / rel)
-    dist.barrier()
-    base = {k: manifest[k] for k in ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer", "optimizer_correction", "autocast", "max_length", "shard_docs", "n_docs")}
-    base["refit_from"] = str(src.resolve())
-    finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer)
+    with _undo_on_failure(out, overwrite, lambda: _any_sidecar(out, "vectors")):
+        previous = None
+        if _prepare_dir(out, identity, overwrite) == "built":
+            previous = _start_repair(out, opts)
+            if previous is None:
+                return out
+        if dist.rank() == 0:
+            raw_files = [f"raw/{p.name}" for p in sorted((src / "raw").iterdir()) if ".tmp-" not in p.name]
+            for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS, *raw_files]:
+                _link(src / rel, out / rel)
+            _verify_source_raw(src, out, manifest, opts)
+        dist.barrier()
+        keys = ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer",
+                "optimizer_correction", "autocast", "max_length", "max_length_requested", "model_window", "shard_docs", "n_docs")
+        base = {k: manifest[k] for k in keys if k in manifest}
+        base["refit_from"] = str(src.resolve())
+        summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=previous)
+    if previous is not None:
+        _say(opts, f"{out}: repaired: {_describe_work([], summary)}")
     return out
+
+
+def _verify_source_raw(src: Path, out: Path, manifest: dict, opts: BuildOptions) -> None:
+    """The raw shards a refit reads are the source index's: a damaged one is repaired there, not here."""
+    for info in _loop_bars(opts, unit="shard")(manifest["shards"], "verifying raw shards"):
+        path = out / "raw" / f"{info['name']}.npy"
+        if not path.is_file() or store.sha256_file(path) != info["raw_sha256"]:
+            raise IndexStoreError(f"{src / 'raw' / path.name}: checksum mismatch; rerun the `tracestar index` command "
+                                  f"that built {src} to repair it, then refit again")
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -32,6 +32,11 @@ class Query:
     prompt: str
     target: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    where: str | None = field(default=None, compare=False, repr=False)  # "path:line", for error messages
+
+    def describe(self) -> str:
+        """Where the query came from, for a one-line error: `path:line` or `query 'id'`."""
+        return self.where or f"query {self.id!r}"
 
 
 def corpus_format(path: str | Path) -> str:
@@ -56,8 +61,12 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for an unreadable file
+            raise InputError(path, None, None, f"not a readable Parquet file ({_first_line(exc)})") from None
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for batch in parquet.iter_batches(batch_size=4096):
             for rec in batch.to_pylist():
                 row += 1
                 yield row, rec
@@ -66,15 +75,37 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    # Bytes, decoded line by line: a bad byte is reported with its line, not as a bare traceback.
+    with open(path, "rb") as fh:
+        for lineno, data in enumerate(fh, start=1):
+            raw = _decode_line(path, lineno, data)
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise InputError(path, lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise InputError(path, lineno, None, f"not valid JSON ({_json_problem(exc)})") from None
             yield lineno, rec
+
+
+def _decode_line(path: Path, lineno: int, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is not content
+    except UnicodeDecodeError as exc:
+        byte = data[exc.start]
+        raise InputError(path, lineno, None, f"not valid UTF-8 (byte 0x{byte:02x} at column {exc.start + 1})") from None
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """The decoder's message with its column: some messages already end in "at" (e.g.
+    "Unterminated string starting at"), so the column is appended without a second "at"."""
+    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    return f"{msg} at column {exc.colno}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _hf_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -149,7 +180,7 @@ def read_queries(path: str | Path) -> list[Query]:
             raise InputError(p, line, "id", f"duplicate id {qid!r}")
         seen.add(qid)
         extra = {k: v for k, v in rec.items() if k not in ("id", "prompt", "target")}
-        queries.append(Query(id=qid, prompt=prompt or "", target=target, extra=extra))
+        queries.append(Query(id=qid, prompt=prompt or "", target=target, extra=extra, where=f"{p}:{line}"))
     if not queries:
         raise InputError(p, None, None, "no queries")
     return queries

@@ -81,6 +81,17 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu", dty
     return model, tokenizer
 
 
+def model_window(model: nn.Module) -> int | None:
+    """The most positions the model can attend over (`n_positions` / `max_position_embeddings`), or
+    None when its config does not say: longer inputs would index past its position embedding."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _layer_of(module_name: str) -> int | None:
     match = re.search(r"\.(\d+)(\.|$)", module_name)
     return int(match.group(1)) if match else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
@@ -26,6 +27,15 @@ from tracestar.projection import Block
 PAPER_COMPONENT_FRACTION = 1000 / 65536
 DEFAULT_DAMPING = 0.1
 DEFAULT_R_BLOCK = 2048
+
+T = TypeVar("T")
+#: Wraps an iterable to report its steps (e.g. a tqdm bar): `progress(items, desc)` yields `items`.
+#: The eigendecompositions of a large index take minutes, so the caller may want to show them.
+Progress = Callable[[Iterable[T], str], Iterable[T]]
+
+
+def _silent(items: Iterable[T], desc: str) -> Iterable[T]:
+    return items
 
 
 def r_ranges(blocks: list[Block], r_block: int = DEFAULT_R_BLOCK) -> list[tuple[int, int]]:
@@ -68,9 +78,9 @@ class RStats:
         return [acc / n for acc in self.sums]
 
 
-def spectrum(mats: list[torch.Tensor]) -> torch.Tensor:
+def spectrum(mats: list[torch.Tensor], progress: Progress = _silent, desc: str = "R spectrum") -> torch.Tensor:
     """All eigenvalues of a block-diagonal matrix, descending."""
-    eig = torch.cat([torch.linalg.eigvalsh(m) for m in mats])
+    eig = torch.cat([torch.linalg.eigvalsh(m) for m in progress(mats, desc)])
     return torch.sort(eig.clamp(min=0.0), descending=True).values
 
 
@@ -155,15 +165,19 @@ def fit(
     lam: float | None = None,
     damping: float = DEFAULT_DAMPING,
     dim: int | None = None,
+    progress: Progress = _silent,
 ) -> Preconditioner:
-    """R^{-1/2} for `train` (R_train alone) or `mixed` (λ R_eval + (1 − λ) R_train)."""
+    """R^{-1/2} for `train` (R_train alone) or `mixed` (λ R_eval + (1 − λ) R_train).
+
+    `progress` wraps each loop of eigendecompositions (one per range: the spectra for λ, then R^{-1/2}).
+    """
     if kind == "none":
         return Preconditioner("none")
     assert train is not None
     r_train = train.means()
     info: dict = {"train_count": int(train.count)}
     if kind == "train":
-        mats = [inv_sqrt(r, damping) for r in r_train]
+        mats = [inv_sqrt(r, damping) for r in progress(r_train, "R^-1/2 (train)")]
         return Preconditioner("train", train.ranges, mats, None, damping, info)
     if kind != "mixed" or eval_ is None:
         raise ValueError("a mixed preconditioner needs eval query statistics")
@@ -172,9 +186,12 @@ def fit(
     if lam is None:
         dim = dim or train.ranges[-1][1]
         index = component_index(dim)
-        lam, used = auto_lambda(spectrum(r_train), spectrum(r_eval), index)
+        eig_train = spectrum(r_train, progress, "R_train spectrum")
+        eig_eval = spectrum(r_eval, progress, "R_eval spectrum")
+        lam, used = auto_lambda(eig_train, eig_eval, index)
         info.update({"lambda_source": "auto", "component_index": index, "component_index_used": used})
     else:
         info["lambda_source"] = "given"
-    mats = [inv_sqrt(lam * re + (1.0 - lam) * rt, damping) for rt, re in zip(r_train, r_eval)]
+    pairs = progress(list(zip(r_train, r_eval)), "R^-1/2 (mixed)")
+    mats = [inv_sqrt(lam * re + (1.0 - lam) * rt, damping) for rt, re in pairs]
     return Preconditioner("mixed", train.ranges, mats, float(lam), damping, info)
