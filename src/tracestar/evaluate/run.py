@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tracestar.corpus import Query, read_queries, write_jsonl
+from tracestar.errors import OptionError, check_float, check_int
 from tracestar.evaluate.metrics import attribution_metrics, relevant_ids, sort_buckets
 
 DEFAULT_KS = (1, 3, 5, 10)
@@ -116,6 +117,16 @@ def _optimizer_state_for(model_dir: Path, manifest: Mapping[str, Any]) -> Path |
     return None
 
 
+def check_eval_options(ks: Sequence[int], lr: float | None, max_queries: int | None) -> None:
+    """Range checks, before anything is read or written (each error names the option)."""
+    if not ks:
+        raise OptionError("--k", "expected at least one k")
+    for k in ks:
+        check_int("--k", k, minimum=1)
+    check_float("--lr", lr, above=0.0, optional=True)
+    check_int("--max-queries", max_queries, minimum=1, optional=True)
+
+
 def evaluate(
     index_dir: str | Path,
     queries_path: str | Path,
@@ -143,14 +154,15 @@ def evaluate(
     from tracestar.api import open_index
 
     t_start = time.time()
+    check_eval_options(ks, lr, max_queries)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ks = tuple(sorted({int(k) for k in ks}))
     top_k = max(ks)
     queries = read_queries(queries_path)
     n_rel = sum(1 for q in queries if relevant_ids(q))
 
     idx = open_index(index_dir)
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are known to be readable: a typo writes nothing
     manifest = idx.manifest
     model_dir = Path(model_dir) if model_dir is not None else Path(manifest["model"]["path"])
     corpus = manifest.get("corpus") or {}

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracestar.errors import IndexStoreError, UserError
+from tracestar.errors import IndexStoreError, UserError, check_int
 from tracestar.index.search import (
     SearchResult,
     _as_tensor,
@@ -420,6 +420,9 @@ def compress(
     """
     if kind not in FORMS:
         raise UserError(f"unknown compressed form {kind!r}; choose one of {', '.join(FORMS)}")
+    check_int("--m", m, minimum=1, optional=True)
+    check_int("--nbits", nbits, minimum=1, maximum=16)
+    check_int("--nlist", nlist, minimum=0, optional=True)
     store = IndexStore(index_dir)
     if not store.has_kind("vectors"):
         raise IndexStoreError(f"{index_dir}: no vectors/ shards to compress (already dropped?)")

@@ -82,6 +82,8 @@ def write_manifest(index_dir: str | Path, manifest: dict) -> None:
 
 def read_manifest(index_dir: str | Path) -> dict:
     path = Path(index_dir) / MANIFEST
+    if not Path(index_dir).is_dir():
+        raise IndexStoreError(f"{index_dir}: no such index directory")
     if not path.exists():
         raise IndexStoreError(f"{index_dir}: not a tracestar index (no {MANIFEST}; an unfinished build?)")
     try:

@@ -504,8 +504,9 @@ def _read_results(path: Path) -> list[dict]:
 
 def _load_docs(index_dir: Path, wanted: set[str]) -> dict[str, str]:
     from tracestar.corpus import iter_documents
+    from tracestar.index.store import read_manifest
 
-    spec = json.loads((index_dir / "manifest.json").read_text(encoding="utf-8"))["corpus"]
+    spec = read_manifest(index_dir)["corpus"]  # a missing or unfinished index: one line, not a traceback
     path = Path(spec["path"])
     if not path.exists() and (index_dir / path).exists():
         path = index_dir / path
