@@ -14,9 +14,29 @@ import sys
 from tracestar.errors import UserError
 
 
+DESCRIPTION = """\
+Find the training documents that taught a language model what it says (TrackStar attribution).
+Build an index of a corpus for a model once (`index`), then ask which documents support or
+oppose a completion (`query`), see which tokens of a document matter (`explain`), browse the
+results (`report`), or measure the ranking against ground truth (`eval`). `demo` runs the whole
+pipeline on a built-in world of facts.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (like every other error) and exit 2."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+
+
+class _UsageError(Exception):
+    pass
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracestar", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tracestar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
     return parser
@@ -30,8 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_world(sub) -> None:
     p = sub.add_parser("world", help="write the built-in fact world (corpus, queries, facts)")
     p.add_argument("--out", required=True, help="directory for corpus.jsonl, queries.jsonl, facts.jsonl")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", choices=["full", "small"], default="full")
+    p.add_argument("--seed", type=int, default=0, help="world seed: the same seed writes the same files (default 0)")
+    p.add_argument("--scale", choices=["full", "small"], default="full", help="world size (default full)")
     p.set_defaults(func=_run_world)
 
 
@@ -88,26 +108,31 @@ def _add_index(sub) -> None:
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--optimizer-state", help="torch.save'd optimizer state_dict (Adafactor, HF Adafactor, Adam)")
     p.add_argument("--proj-dim", type=int, default=1 << 16, help="target vector dimension (Σ k² over blocks; default 65536)")
-    p.add_argument("--blocks", choices=["paper", "module"], default="paper")
-    p.add_argument("--max-length", type=int, default=512, help="documents longer than this many tokens are truncated")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch")
-    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--blocks", choices=["paper", "module"], default="paper",
+                   help="projection blocks: the paper's layer groups, or one block per weight matrix (default paper)")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="documents longer than this many tokens are truncated (at least 2; at most the model's "
+                        "context window, to which a larger value is lowered; default 512)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
+    p.add_argument("--seed", type=int, default=0, help="projection seed, ≥ 0 (default 0)")
     p.add_argument("--no-optimizer-correction", action="store_true", help="do not divide by √V")
     p.add_argument("--no-unit-norm", action="store_true", help="keep raw lengths (dot products, not cosines)")
     p.add_argument("--preconditioner", choices=["none", "train", "mixed"], help="default: mixed with --eval-queries, else train")
     p.add_argument("--eval-queries", help="QUERIES.jsonl whose gradients form R_eval")
-    p.add_argument("--lambda", dest="lam", type=float, help="mixing weight of R_eval (default: spectrum matching)")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="mixing weight of R_eval in [0, 1], mixed preconditioner only (default: spectrum matching)")
     p.add_argument("--fit-docs", type=int, help="documents sampled for R_train (default: all, at most 10,000)")
-    p.add_argument("--damping", type=float, default=0.1, help="added to R's spectrum, times its mean eigenvalue")
+    p.add_argument("--damping", type=float, default=0.1,
+                   help="added to R's spectrum, times its mean eigenvalue; > 0 (default 0.1)")
     p.add_argument("--variant", choices=["dot", "opt", "opt-norm", "train-r", "trackstar"], help="a rung of the paper's ablation ladder")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="stored vector dtype (default float16)")
-    p.add_argument("--shard-docs", type=int, default=1024, help="documents per shard")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id")
+    p.add_argument("--shard-docs", type=int, default=1024, help="documents per shard (default 1024)")
+    p.add_argument("--text-field", default="text", help="corpus field holding the text (default text)")
+    p.add_argument("--id-field", default="id", help="corpus field holding the id (default: the record's number)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--autocast", choices=["bfloat16"], help="run the model in bf16 (vectors are still summed in fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=_run_index)
 
 
@@ -129,13 +154,15 @@ def _run_index(args) -> int:
 
 def _add_query(sub) -> None:
     p = sub.add_parser("query", help="top-k proponents and opponents for (prompt, target) queries")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
     p.add_argument("--queries", required=True, help="JSONL with id, prompt, target")
     p.add_argument("--out", required=True, help="RESULTS.jsonl")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=10, help="proponents and opponents per query, ≥ 1 (default 10)")
     p.add_argument("--model", help="model directory (default: the one recorded in the manifest; must match it)")
     p.add_argument("--exact", action="store_true", help="scan the full-precision vectors even if a compressed form exists")
-    p.add_argument("--rerank", type=int, help="candidates re-scored exactly when searching a compressed form")
+    p.add_argument("--rerank", type=int,
+                   help="candidates re-scored exactly when searching a compressed form; 0: keep the compressed "
+                        "scores (default: 10 × top-k, at least 100)")
     p.set_defaults(func=_run_query)
 
 
@@ -149,16 +176,18 @@ def _run_query(args) -> int:
 
 def _add_refit(sub) -> None:
     p = sub.add_parser("refit", help="a new index with another preconditioner, from an index's stored raw vectors")
-    p.add_argument("--index", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--index", required=True, help="index directory whose raw vectors are reused")
+    p.add_argument("--out", required=True, help="directory for the new index")
     p.add_argument("--eval-queries", help="QUERIES.jsonl for R_eval (mixed preconditioner)")
-    p.add_argument("--preconditioner", choices=["none", "train", "mixed"])
-    p.add_argument("--lambda", dest="lam", type=float)
-    p.add_argument("--fit-docs", type=int)
-    p.add_argument("--damping", type=float)
-    p.add_argument("--model", help="model directory (default: the manifest's)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--preconditioner", choices=["none", "train", "mixed"],
+                   help="default: mixed with --eval-queries, else train")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="mixing weight of R_eval in [0, 1], mixed only (default: spectrum matching)")
+    p.add_argument("--fit-docs", type=int, help="documents sampled for R_train (default: the index's)")
+    p.add_argument("--damping", type=float, help="added to R's spectrum, times its mean eigenvalue; > 0 (default: the index's)")
+    p.add_argument("--model", help="model directory, for the eval queries' gradients (default: the manifest's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=_run_refit)
 
 
@@ -186,7 +215,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--k", default="1,3,5,10", help="comma-separated k for recall@k and tail-patch (default 1,3,5,10)")
     p.add_argument("--variants", nargs="*", default=[], metavar="DIR", help="more index directories to compare")
     p.add_argument("--model", dest="model_dir", default=None, help="model directory (default: the index's model)")
-    p.add_argument("--lr", type=float, default=None, help="tail-patch learning rate (default: the trainer's)")
+    p.add_argument("--lr", type=float, default=None, help="tail-patch learning rate, > 0 (default: the trainer's)")
     p.add_argument("--max-queries", dest="max_queries", type=int, default=None,
                    help="tail-patch at most N queries (a bucket-stratified sample); attribution uses all")
     p.set_defaults(func=_run_eval)
@@ -229,9 +258,9 @@ def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="write an int8 or FAISS-PQ compressed form beside the exact vectors")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--kind", required=True, choices=["int8", "pq"])
-    p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (default: dim/4)")
-    p.add_argument("--nbits", type=int, default=8, help="PQ bits per sub-quantizer (default 8)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: IVF-PQ above 50k rows)")
+    p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers, dividing the dimension (default: dim/4)")
+    p.add_argument("--nbits", type=int, default=8, help="PQ bits per sub-quantizer, 1 to 16 (default 8)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows)")
     p.add_argument("--drop-exact", action="store_true", help="delete vectors/ shards afterwards (scores become approximate)")
     p.set_defaults(func=_run_compress)
 
@@ -252,12 +281,12 @@ def _run_compress(args) -> int:
 
 def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="exact per-token contributions of one document to its score for a query")
-    p.add_argument("--index", required=True)
-    p.add_argument("--doc-id", required=True)
+    p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
+    p.add_argument("--doc-id", required=True, help="the document to explain (its id in the corpus)")
     p.add_argument("--query-id", help="a query of --queries")
     p.add_argument("--queries", help="QUERIES.jsonl holding --query-id")
-    p.add_argument("--prompt")
-    p.add_argument("--target")
+    p.add_argument("--prompt", help="the query's prompt (with --target, instead of --queries/--query-id)")
+    p.add_argument("--target", help="the completion whose support is explained; only its tokens are scored")
     p.add_argument("--model", help="model directory (default: the manifest's)")
     p.add_argument("--json", action="store_true", help="print {doc_id, doc_score, tokens: [{token, score}]}")
     p.set_defaults(func=_run_explain)
@@ -313,12 +342,25 @@ _COMMANDS: list = [
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"tracestar: error: {exc}", file=sys.stderr)
+    except _UsageError as exc:
+        print(_one_line(str(exc)), file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head` and the like: not an error
-        sys.stdout = open(os.devnull, "w")
-        return 0
+    except UserError as exc:
+        print(f"tracestar: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like: not an error
+            sys.stdout = open(os.devnull, "w")
+            return 0
+        # A path the user gave that cannot be read or written (missing, a directory, no permission).
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tracestar: error: {where}{_one_line(exc.strerror or str(exc))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(message: str) -> str:
+    """Errors are one line: a library message that spans several is joined."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
