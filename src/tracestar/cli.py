@@ -106,7 +106,13 @@ def _add_index(sub) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--corpus", required=True, help="JSONL, Parquet, or a datasets save_to_disk directory")
     p.add_argument("--out", required=True, help="index directory to write")
-    p.add_argument("--optimizer-state", help="torch.save'd optimizer state_dict (Adafactor, HF Adafactor, Adam)")
+    p.add_argument("--optimizer-state",
+                   help="the training run's optimizer state: a Trainer checkpoint-N/ or its optimizer.pt, an accelerate "
+                        "save_state directory (optimizer.bin), a torch.distributed.checkpoint directory, or any "
+                        "torch.save'd state_dict (AdamW/Adam, torch or HF Adafactor)")
+    p.add_argument("--estimate-v-if-missing", action="store_true",
+                   help="when the optimizer state keeps no second moment (SGD, Lion), estimate V from the corpus "
+                        "instead of stopping (the manifest records it)")
     p.add_argument("--proj-dim", type=int, default=1 << 16, help="target vector dimension (Σ k² over blocks; default 65536)")
     p.add_argument("--blocks", choices=["paper", "module"], default="paper",
                    help="projection blocks: the paper's layer groups, or one block per weight matrix (default paper)")
@@ -145,7 +151,7 @@ def _run_index(args) -> int:
         unit_norm=not args.no_unit_norm, preconditioner=args.preconditioner, eval_queries=args.eval_queries,
         lam=args.lam, fit_docs=args.fit_docs, damping=args.damping, variant=args.variant, dtype=args.dtype,
         shard_docs=args.shard_docs, text_field=args.text_field, id_field=args.id_field, device=args.device,
-        autocast=args.autocast,
+        autocast=args.autocast, estimate_v_if_missing=args.estimate_v_if_missing,
         overwrite=args.overwrite, quiet=args.quiet,
     )
     build_index(args.model, args.corpus, args.out, opts)

@@ -10,6 +10,9 @@ so the correction is two diagonal scalings that fold into the projection matrice
 and no per-example full gradient is ever formed. Every source of V reduces to this one interface,
 `Scales(row, col)`:
 
+Reading a saved state (finding the file, mapping each entry to its parameter, checking shapes) is
+`optim_state.py`'s job; this module turns the per-parameter V it returns into scales:
+
 - torch `Adafactor`: `row_var` [a, 1], `col_var` [1, b];
 - HF transformers Adafactor: `exp_avg_sq_row` [a], `exp_avg_sq_col` [b];
 - Adam / AdamW: `exp_avg_sq` [a, b] (bias-corrected), fitted to the factored form by its row and
@@ -28,8 +31,9 @@ from typing import Iterable
 
 import torch
 
-from tracestar.errors import UserError
 from tracestar.model import Tracked
+from tracestar.optim_state import NoSecondMoment, OptimizerState  # noqa: F401 (NoSecondMoment re-exported)
+from tracestar.optim_state import read as read_optimizer_state
 
 EPS = 1e-6
 
@@ -48,9 +52,12 @@ class Normalizer:
     source: str | None
     scales: dict[str, Scales] = field(default_factory=dict)
     eps: float = EPS
+    #: What the manifest records besides: for a state, `optimizer_state`, `optimizer`, `mapping`
+    #: (names | trainer-groups | parameter-order), `step`; `v_missing` when V had to be estimated.
+    details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "source": self.source, "eps": self.eps}
+        return {"kind": self.kind, "source": self.source, "eps": self.eps, **self.details}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -70,7 +77,8 @@ class Normalizer:
         tensors = load_file(str(path))
         names = {k.rsplit(".", 1)[0] for k in tensors}
         scales = {n: Scales(tensors[f"{n}.row"], tensors[f"{n}.col"]) for n in names}
-        return Normalizer(kind=info["kind"], source=info.get("source"), scales=scales, eps=info.get("eps", EPS))
+        details = {k: v for k, v in info.items() if k not in ("kind", "source", "eps")}
+        return Normalizer(kind=info["kind"], source=info.get("source"), scales=scales, eps=info.get("eps", EPS), details=details)
 
 
 def factored_scales(r: torch.Tensor, c: torch.Tensor, eps: float = EPS) -> Scales:
@@ -95,52 +103,33 @@ def identity(tracked: list[Tracked]) -> Normalizer:
     return Normalizer(kind="none", source=None, scales=scales)
 
 
-def _row_col(state: dict, shape: tuple[int, int], betas: tuple[float, float] | None) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """(kind, r, c) from one parameter's optimizer state."""
-    a, b = shape
-    if "row_var" in state and "col_var" in state:
-        return "torch_adafactor", state["row_var"].reshape(a), state["col_var"].reshape(b)
-    if "exp_avg_sq_row" in state and "exp_avg_sq_col" in state:
-        return "hf_adafactor", state["exp_avg_sq_row"].reshape(a), state["exp_avg_sq_col"].reshape(b)
-    if "exp_avg_sq" in state:
-        v = state["exp_avg_sq"].double().reshape(a, b)
-        step = float(state.get("step", 0) or 0)
-        if betas is not None and step > 0:
-            v = v / (1.0 - betas[1] ** step)  # Adam's bias correction
-        return "adam", v.mean(dim=1), v.mean(dim=0)
-    raise UserError(f"optimizer state has none of row_var/col_var, exp_avg_sq_row/col, exp_avg_sq (keys: {sorted(state)})")
+def from_state(state: OptimizerState, tracked: list[Tracked], eps: float = EPS) -> Normalizer:
+    """Scales from an already mapped and shape-checked optimizer state (`optim_state.read`).
 
-
-def from_optimizer_state(path: str | Path, model: torch.nn.Module, tracked: list[Tracked], eps: float = EPS) -> Normalizer:
-    """Read a `torch.save`d optimizer state_dict whose parameter order is `model.parameters()`."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: optimizer state not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise UserError(f"{path}: not a torch optimizer state_dict ({type(exc).__name__}: {exc})") from None
-    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-        raise UserError(f"{path}: not an optimizer state_dict (expected keys 'state' and 'param_groups')")
-    params = list(model.parameters())
-    betas_of: dict[int, tuple[float, float] | None] = {}
-    for group in sd["param_groups"]:
-        for idx in group["params"]:
-            betas_of[int(idx)] = tuple(group["betas"]) if "betas" in group else None
-    if max(betas_of, default=-1) >= len(params):
-        raise UserError(f"{path}: state lists {len(betas_of)} parameters, the model has {len(params)}")
-    index_of = {id(p): i for i, p in enumerate(params)}
+    Adafactor's factored statistics are used as they are; Adam's bias-corrected V is fitted by its
+    row and column means. Raises `NoSecondMoment` for SGD / Lion states.
+    """
+    if not state.has_second_moment:
+        raise state.missing_v_error()
     scales, kinds = {}, set()
     for t in tracked:
-        i = index_of[id(t.param)]
-        state = sd["state"].get(i)
-        if state is None:
-            raise UserError(f"{path}: no optimizer state for parameter {i} ({t.name})")
-        kind, r, c = _row_col(state, t.shape, betas_of.get(i))
-        kinds.add(kind)
-        scales[t.name] = factored_scales(r, c, eps)
+        v = state.second_moment(t.name)
+        kinds.add(v.kind)
+        if v.full is not None:
+            full = v.full.double().reshape(t.shape)
+            scales[t.name] = factored_scales(full.mean(dim=1), full.mean(dim=0), eps)
+        else:
+            scales[t.name] = factored_scales(v.row.reshape(t.shape[0]), v.col.reshape(t.shape[1]), eps)
     kind = kinds.pop() if len(kinds) == 1 else "mixed:" + ",".join(sorted(kinds))
-    return Normalizer(kind=kind, source=str(path.resolve()), scales=scales, eps=eps)
+    return Normalizer(kind=kind, source=state.source, scales=scales, eps=eps, details=state.to_json())
+
+
+def from_optimizer_state(path: str | Path | OptimizerState, model: torch.nn.Module, tracked: list[Tracked],
+                         eps: float = EPS) -> Normalizer:
+    """V from an optimizer state as training code saved it: a file, a checkpoint directory or a DCP
+    directory (`optim_state.read` finds it, maps every entry to its parameter and checks shapes)."""
+    state = path if isinstance(path, OptimizerState) else read_optimizer_state(path, model)
+    return from_state(state, tracked, eps)
 
 
 def estimate(model: torch.nn.Module, tracked: list[Tracked], batches: Iterable, loss_fn, *, reduce=None, eps: float = EPS) -> Normalizer:

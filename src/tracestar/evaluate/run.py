@@ -108,12 +108,16 @@ def _index_name(manifest: Mapping[str, Any], path: Path, taken: set[str]) -> str
 
 
 def _optimizer_state_for(model_dir: Path, manifest: Mapping[str, Any]) -> Path | None:
-    cand = model_dir / "optimizer.pt"
-    if cand.exists():
+    """The state inside the model directory (a Trainer checkpoint), else the one the index read."""
+    from tracestar.optim_state import find_in_dir
+
+    cand = find_in_dir(model_dir)
+    if cand is not None:
         return cand
-    src = (manifest.get("normalizer") or {}).get("source")
-    if isinstance(src, str) and Path(src).is_file():
-        return Path(src)
+    norm = manifest.get("normalizer") or {}
+    for src in (norm.get("optimizer_state"), norm.get("source")):
+        if isinstance(src, str) and src and Path(src).exists():
+            return Path(src)
     return None
 
 

@@ -8,10 +8,14 @@ state) back exactly as they were before the next document.
   tokens, with the end-of-sequence token appended (batch of one).
 - Target log-probability = sum over the target tokens of log p(token | prompt, earlier target
   tokens); Δprob = exp(after) − exp(before).
-- Optimizer: torch `Adafactor` with the state the trainer saved (`optimizer.pt`, a state_dict over
-  `model.parameters()`), so the step is the one training would have taken next; an Adam state
-  (`exp_avg_sq`) gets `AdamW`; with no state, plain SGD. The learning rate is the trainer's
-  (`train_log.json`) unless given.
+- Optimizer: the checkpoint's own, rebuilt from its saved state (`optim_state.read`: a Trainer
+  checkpoint, accelerate's `optimizer.bin`, a DCP directory, any state_dict), each entry mapped to
+  its parameter by name or by Trainer's groups and shape-checked: AdamW/Adam with their moments,
+  step count, betas, eps and per-group weight decay; torch or HF Adafactor; SGD with its momentum.
+  So the step is the one training would have taken next. With no state, plain SGD. The learning
+  rate: the one given, else the trainer's (`train_log.json`), else each group's saved lr — or its
+  `initial_lr` where the schedule had decayed it to 0 (a Trainer run's last checkpoint).
+  Gradient clipping, which the training loop (not the optimizer) applied, is not replayed.
 - Dropout is off during the step (`model.eval()`), so a patch is deterministic.
 
 Efficient on CPU: the base log-probs of every query are computed once; documents are processed
@@ -35,6 +39,8 @@ import torch
 from tracestar.batching import Example, collate, encode_document, encode_query, forward_loss, pad_id
 from tracestar.corpus import Query, iter_documents
 from tracestar.errors import UserError
+from tracestar.optim_state import OptimizerState, find_in_dir, from_state_dict
+from tracestar.optim_state import read as read_optimizer_state
 
 DEFAULT_LR = 1e-2  # only when neither the caller nor train_log.json names one
 
@@ -97,63 +103,77 @@ def read_train_lr(model_dir: str | Path | None) -> float | None:
     return None
 
 
-def _state_kind(state_dict: Mapping[str, Any]) -> str:
-    for st in state_dict.get("state", {}).values():
-        if "exp_avg_sq" in st:
-            return "adamw"
-        if "row_var" in st or "variance" in st or "exp_avg_sq_row" in st:
-            return "adafactor"
-    return "adafactor"
+def _read_state(spec, model) -> OptimizerState | None:
+    """The optimizer state `spec` names, mapped onto `model` (None: no state, the step is SGD)."""
+    if spec is None or isinstance(spec, OptimizerState):
+        return spec
+    if isinstance(spec, Mapping):
+        return from_state_dict(spec, model)
+    return read_optimizer_state(spec, model)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float | None) -> tuple[float, str]:
+    """Set each group's step size; returns (the first group's lr, where it came from).
+
+    A given lr applies to every group. Otherwise each group keeps the lr it was saved with, which a
+    scheduler set for the step that would come next — unless the schedule had ended at 0 (linear
+    decay, as Trainer's last checkpoint has), where a step would change nothing: then the group's
+    `initial_lr` (the schedule's peak), else DEFAULT_LR.
+    """
+    source = "given"
+    for g in optimizer.param_groups:
+        if lr is not None:
+            g["lr"] = float(lr)
+            if g.get("relative_step"):
+                g["relative_step"] = False  # HF Adafactor would otherwise ignore the lr it is given
+        elif g.get("lr") is None and g.get("relative_step"):
+            source = "relative step (HF Adafactor)"
+        elif not g.get("lr"):
+            initial = g.get("initial_lr")
+            g["lr"], source = (float(initial), "initial_lr (the saved lr was 0)") if initial else (DEFAULT_LR, "default")
+        else:
+            source = "optimizer state"
+    first = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+    return (float(first) if first is not None else float("nan")), source
 
 
 class TailPatcher:
     """One model, one optimizer; `patched_logprobs(doc, queries)` = step, score, restore.
 
-    `optimizer_state`: a path to a saved optimizer state_dict (torch Adafactor or Adam-like), a
-    loaded state_dict, or None (SGD, no state). `lr`: the step size; None → the lr stored in the
-    optimizer state (its last step's), else DEFAULT_LR.
+    `optimizer_state`: where the saved optimizer state is (file or directory, see `optim_state`),
+    an in-memory state_dict, an `OptimizerState`, or None (SGD, no state). `lr`: the step size for
+    every group; None → each group's saved lr (its `initial_lr` where that is 0), else DEFAULT_LR.
     """
 
-    def __init__(self, model, tokenizer, *, optimizer_state: str | Path | Mapping | None = None,
+    def __init__(self, model, tokenizer, *, optimizer_state: str | Path | Mapping | OptimizerState | None = None,
                  lr: float | None = None, max_length: int | None = None, batch_size: int = 64):
         self.model = model
         self.tokenizer = tokenizer
         self.model.eval()
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_length = max_length or _max_length(model)
         self.batch_size = batch_size
-        sd = None
-        self.optimizer_source = None
-        if optimizer_state is not None:
-            if isinstance(optimizer_state, (str, Path)):
-                self.optimizer_source = str(optimizer_state)
-                sd = torch.load(optimizer_state, map_location="cpu", weights_only=True)
-            else:
-                sd = optimizer_state
-                self.optimizer_source = "<state_dict>"
-        if lr is None and sd is not None:  # the lr of the optimizer's last step
-            lr = next((g.get("lr") for g in sd.get("param_groups", []) if isinstance(g.get("lr"), (int, float))), None)
-        self.lr = float(lr) if lr is not None else DEFAULT_LR
-        if sd is None:
+        state = _read_state(optimizer_state, model)
+        self.optimizer_source = None if state is None else state.source
+        self.mapping = None if state is None else state.mapping
+        self.step_count = None if state is None else state.step
+        if state is None:
             self.optimizer_kind = "sgd"
-            self.optimizer = torch.optim.SGD(self.params, lr=self.lr)
+            self.lr, self.lr_source = (float(lr), "given") if lr is not None else (DEFAULT_LR, "default")
+            self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=self.lr)
         else:
-            self.optimizer_kind = _state_kind(sd)
-            cls = torch.optim.Adafactor if self.optimizer_kind == "adafactor" else torch.optim.AdamW
-            self.optimizer = cls(self.params, lr=self.lr)
-            try:
-                self.optimizer.load_state_dict(sd)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise UserError(f"optimizer state {self.optimizer_source} does not fit this model: {exc}") from None
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.lr
+            self.optimizer_kind = state.optimizer
+            self.optimizer = state.build_optimizer(model)
+            self.lr, self.lr_source = _set_lr(self.optimizer, lr)
+        # the parameters the step can change: their values and optimizer state are restored after it
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._snapshot()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, optimizer_state: str | Path | None | bool = True,
                  lr: float | None = None, **kw) -> "TailPatcher":
-        """Load model + tokenizer from a HF directory. optimizer_state=True → `model_dir/optimizer.pt`
-        when it exists; a path → that file; None/False → SGD. lr=None → train_log.json's lr."""
+        """Load model + tokenizer from a HF directory. optimizer_state=True → the state inside
+        `model_dir` when there is one (a Trainer checkpoint's `optimizer.pt`); a path → that;
+        None/False → SGD. lr=None → train_log.json's lr, else the state's."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -162,8 +182,7 @@ class TailPatcher:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(model_dir)
         if optimizer_state is True:
-            cand = model_dir / "optimizer.pt"
-            optimizer_state = cand if cand.exists() else None
+            optimizer_state = find_in_dir(model_dir)
         elif optimizer_state is False:
             optimizer_state = None
         if lr is None:
@@ -171,7 +190,8 @@ class TailPatcher:
         return cls(model, tok, optimizer_state=optimizer_state, lr=lr, **kw)
 
     def describe(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer_kind, "optimizer_state": self.optimizer_source, "lr": self.lr,
+        return {"optimizer": self.optimizer_kind, "optimizer_state": self.optimizer_source, "mapping": self.mapping,
+                "optimizer_step": self.step_count, "lr": self.lr, "lr_source": self.lr_source,
                 "dropout": "off", "doc_loss": "mean next-token cross-entropy, EOS appended"}
 
     # --- save / restore -------------------------------------------------------------------------
@@ -224,12 +244,12 @@ class TailPatcher:
         if len(doc_ids) < 2:
             return float("nan")  # nothing to predict: the step is a no-op
         ids = torch.tensor([doc_ids])
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         logits = self.model(input_ids=ids).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
         loss.backward()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # parameters outside the state's groups got gradients too
         return float(loss.detach())
 
     def patched_logprobs(self, doc: str | list[int], queries: Sequence[Query | tuple[list[int], int]]) -> np.ndarray:
