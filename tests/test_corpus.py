@@ -61,3 +61,34 @@ def test_queries_keep_extra_fields(tmp_path):
     p.write_text(json.dumps({"id": "q", "prompt": "", "target": " x", "relevant": ["a"], "bucket": "1"}) + "\n")
     (q,) = read_queries(p)
     assert (q.id, q.prompt, q.target, q.extra) == ("q", "", " x", {"relevant": ["a"], "bucket": "1"})
+
+
+def test_bad_bytes_and_json_messages_name_the_line(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_bytes('\ufeff{"text": "one"}\n'.encode() + b'{"text": "tw\xe9"}\n')  # a BOM is fine, latin-1 is not
+    with pytest.raises(InputError) as err:
+        validate_corpus(p)
+    assert str(err.value) == f"{p}:2: not valid UTF-8 (byte 0xe9 at column 13)"
+    p.write_text('{"text": "one"}\n{"text": "two}\n')
+    with pytest.raises(InputError) as err:
+        validate_corpus(p)
+    assert str(err.value) == f"{p}:2: not valid JSON (Unterminated string starting at column 10)"
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(b'{"prompt": "a", "target": "\xff"}\n')
+    with pytest.raises(InputError, match=r"q.jsonl:1: not valid UTF-8"):
+        read_queries(q)
+
+
+def test_a_query_too_long_for_the_window_loses_its_oldest_prompt_tokens():
+    import tiny
+    from tracestar.batching import TargetTooLong, encode_query
+
+    tok = tiny.make_tokenizer()
+    prompt = " ".join(["city"] * 10 + ["the", "capital", "of", "france", "is"])  # 15 tokens
+    ex = encode_query(tok, prompt, " paris madrid", 0, max_length=8)
+    target = tok(" paris madrid", add_special_tokens=False)["input_ids"]
+    assert ex.truncated and len(ex.ids) == 8 and ex.ids[-2:] == target and ex.loss_from == 6
+    assert tok.decode(ex.ids[:6]) == " city the capital of france is"  # the prompt's last 6 tokens
+    assert encode_query(tok, prompt, " paris", 0, max_length=64).ids[: 15] == tok(prompt)["input_ids"]
+    with pytest.raises(TargetTooLong, match="8 tokens do not fit in 8 positions"):
+        encode_query(tok, "the", " " + " ".join(["city"] * 8), 0, max_length=8)

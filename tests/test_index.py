@@ -224,3 +224,119 @@ def test_llama_style_model_directory_builds_and_queries(world, tmp_path):
     results = idx.query(queries, top_k=3)
     for qi, r in enumerate(results):
         assert [p["doc_id"] for p in r["proponents"]] == [idx.doc_ids[j] for j in np.argsort(-scores[qi], kind="stable")[:3]]
+
+
+# --- reruns verify and repair; failures leave nothing behind ------------------------------------
+
+
+def _build_again(world, out, **kw):
+    """The `built` fixture's build (its arguments, overridable)."""
+    args = dict(optimizer_state=world["optimizer"], proj_dim=DIM, eval_queries=world["queries"], shard_docs=3, quiet=True)
+    return build_index(world["model"], world["corpus"], out, **{**args, **kw})
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _flip_byte(path: Path, offset: int = -5) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_rerun_repairs_corrupted_shards_to_the_same_bytes(world, built, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    _flip_byte(copy / "raw" / "shard-00001.npy")
+    _flip_byte(copy / "vectors" / "shard-00002.npy")
+    capsys.readouterr()
+    _build_again(world, copy, quiet=False)
+    out = capsys.readouterr().out
+    assert "raw/shard-00001.npy (checksum mismatch)" in out and "vectors/shard-00002.npy (checksum mismatch)" in out
+    assert "repaired: recomputed raw shard 1, final vectors of shards 1, 2 and the manifest; R reused" in out
+    before, after = _files(built), _files(copy)
+    assert sorted(before) == sorted(after)
+    for name in before:
+        if name != "manifest.json":
+            assert after[name] == before[name], name
+    old, new = (json.loads(d["manifest.json"]) for d in (before, after))
+    assert "repaired" in new and {k: v for k, v in new.items() if k != "repaired"} == old
+    open_index(copy).query(read_queries(world["queries"])[:1], top_k=2)  # verifies every shard again
+    capsys.readouterr()
+    _build_again(world, copy, quiet=False)
+    assert "files verified; nothing to do" in capsys.readouterr().out
+
+
+def test_rerun_refits_r_only_when_it_is_damaged(world, built, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    _flip_byte(copy / "preconditioner.safetensors")
+    capsys.readouterr()
+    _build_again(world, copy, quiet=False)
+    captured = capsys.readouterr()
+    assert "preconditioner.safetensors (checksum mismatch)" in captured.out
+    assert "repaired: recomputed R and the manifest" in captured.out  # same R, so no vectors rewritten
+    for bar in ("R_train: statistics", "R_eval: eval-query gradients", "R_train spectrum", "R^-1/2 (mixed)"):
+        assert bar in captured.err, bar
+    assert "indexing" not in captured.err and "final vectors" not in captured.err
+    assert "resuming: all 4 shards already complete" in captured.out
+    assert (copy / "preconditioner.safetensors").read_bytes() == (built / "preconditioner.safetensors").read_bytes()
+
+
+def test_quiet_build_prints_nothing(world, tmp_path, capsys):
+    capsys.readouterr()
+    _build_again(world, tmp_path / "index")
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+
+
+def test_a_failing_build_leaves_nothing_but_an_interrupted_one_is_kept(world, built, tmp_path, monkeypatch):
+    import shutil
+
+    from tracestar import build
+
+    def fail(*args, **kwargs):
+        raise UserError("simulated failure")
+
+    out = tmp_path / "new" / "index"
+    monkeypatch.setattr(build, "_normalizer", fail)
+    with pytest.raises(UserError, match="simulated"):
+        _build_again(world, out)
+    assert not (tmp_path / "new").exists()  # the parent it created goes too
+    # A previous, interrupted build (raw shards done, no manifest) survives a failure.
+    monkeypatch.undo()
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(built, interrupted)
+    (interrupted / "manifest.json").unlink()
+    monkeypatch.setattr(build, "finalize", fail)
+    with pytest.raises(UserError, match="simulated"):
+        _build_again(world, interrupted)
+    assert (interrupted / "build.json").exists() and (interrupted / "raw" / "shard-00003.npy").exists()
+
+
+def test_refit_rerun_repairs_its_vectors(world, built, tmp_path):
+    out = refit(built, tmp_path / "refit", preconditioner="train", quiet=True)
+    before = _files(out)
+    _flip_byte(out / "vectors" / "shard-00000.npy")
+    refit(built, out, preconditioner="train", quiet=True)
+    after = _files(out)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
+
+
+def test_options_are_checked_by_the_library(world, built, tmp_path):
+    from tracestar.errors import OptionError
+
+    idx, queries = open_index(built), read_queries(world["queries"])[:1]
+    for kw, option in (({"top_k": 0}, "--top-k"), ({"top_k": -1}, "--top-k"), ({"top_k": 3, "rerank": -1}, "--rerank")):
+        with pytest.raises(OptionError, match=f"^{option}: must be at least"):
+            idx.query(queries, **kw)
+    for kw, option in (({"max_length": 0}, "--max-length"), ({"lam": 5.0}, "--lambda"),
+                       ({"proj_dim": -5}, "--proj-dim"), ({"damping": 0.0}, "--damping")):
+        with pytest.raises(OptionError, match=f"^{option}: "):
+            _build_again(world, tmp_path / "index", **kw)
+    assert not (tmp_path / "index").exists()

@@ -78,7 +78,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     # Bytes, decoded line by line: a bad byte is reported with its line, not as a bare traceback.
     with open(path, "rb") as fh:
         for lineno, data in enumerate(fh, start=1):
-            raw = _decode_line(path, lineno, data)
+            raw = _decode_line(path, lineno, data).rstrip("\r\n")  # columns count within the line
             if not raw.strip():
                 continue
             try:
