@@ -36,7 +36,7 @@ class _UsageError(Exception):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tracestar", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
     return parser
@@ -75,10 +75,10 @@ def _run_world(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a tiny GPT-2 on a corpus with Adafactor (saves optimizer state)")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="JSONL corpus to train on (as written by `tracestar world`)")
     p.add_argument("--out", required=True, help="model directory (HF format + optimizer.pt + train_log.json)")
     p.add_argument("--queries", default=None, help="queries to report first-token accuracy on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed: the same seed trains the same model (default 0)")
     p.add_argument("--max-minutes", type=float, default=6.0, help="wall-clock cap; the schedule anneals within it")
     p.add_argument("--force", action="store_true", help="retrain even if OUT holds the same finished run")
     p.set_defaults(func=_run_train)
