@@ -264,7 +264,8 @@ def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="write an int8 or FAISS-PQ compressed form beside the exact vectors")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--kind", required=True, choices=["int8", "pq"],
-                   help="int8: one byte per coordinate, near-exact scores; pq: product quantization, a few bytes per document")
+                   help="int8: one byte per coordinate (a quarter of float32), near-exact scores; pq: FAISS product "
+                        "quantization, --m × --nbits bits per document, approximate scores")
     p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers, dividing the dimension (default: dim/4)")
     p.add_argument("--nbits", type=int, default=8, help="PQ bits per sub-quantizer, 1 to 16 (default 8)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows)")
