@@ -353,7 +353,10 @@ def _undo_on_failure(out: Path, overwrite: bool, worth_keeping):
                 shutil.rmtree(root, ignore_errors=True)
             elif owned_contents and out.is_dir():
                 for child in out.iterdir():
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
         raise
 
 
@@ -660,7 +663,7 @@ def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query
         precond.info["fit_docs"] = int(stats["train"].count) if "train" in stats else 0
         precond.info["r_block"] = opts.r_block
         precond.info["inputs_sha256"] = inputs
-        # The description goes first, so a description on disk always belongs to the matrices beside it.
+        # The old description goes first: a description on disk always belongs to the matrices beside it.
         (out / "preconditioner.json").unlink(missing_ok=True)
         precond.save(path, stats)
         store.write_json(out / "preconditioner.json", precond.to_json())
