@@ -771,13 +771,13 @@ def _start_repair(out: Path, opts: BuildOptions) -> dict | None:
     if dist.rank() == 0:
         previous, damaged, n_files = _verify_built(out, opts)
         if damaged:
+            _say(opts, f"{out}: damaged: {', '.join(f'{rel} ({problem})' for rel, problem in damaged)}; repairing")
             _remove_damaged(out, previous, damaged, opts)
     previous, damaged, n_files = dist.broadcast_object((previous, damaged, n_files))
     dist.barrier()
     if not damaged:
         _say(opts, f"{out}: already built with these arguments; {n_files} files verified; nothing to do")
         return None
-    _say(opts, f"{out}: damaged: {', '.join(f'{rel} ({problem})' for rel, problem in damaged)}; repairing")
     return previous
 
 
