@@ -248,8 +248,12 @@ def _flip_byte(path: Path, offset: int = -5) -> None:
 def test_rerun_repairs_corrupted_shards_to_the_same_bytes(world, built, tmp_path, capsys):
     import shutil
 
+    from tracestar.index.compress import compress
+
     copy = tmp_path / "copy"
     shutil.copytree(built, copy)
+    compress(copy, "int8")  # made from the same final vectors, so it survives the repair
+    before = _files(copy)
     _flip_byte(copy / "raw" / "shard-00001.npy")
     _flip_byte(copy / "vectors" / "shard-00002.npy")
     capsys.readouterr()
@@ -257,14 +261,18 @@ def test_rerun_repairs_corrupted_shards_to_the_same_bytes(world, built, tmp_path
     out = capsys.readouterr().out
     assert "raw/shard-00001.npy (checksum mismatch)" in out and "vectors/shard-00002.npy (checksum mismatch)" in out
     assert "repaired: recomputed raw shard 1, final vectors of shards 1, 2 and the manifest; R reused" in out
-    before, after = _files(built), _files(copy)
+    after = _files(copy)
     assert sorted(before) == sorted(after)
     for name in before:
         if name != "manifest.json":
             assert after[name] == before[name], name
     old, new = (json.loads(d["manifest.json"]) for d in (before, after))
     assert "repaired" in new and {k: v for k, v in new.items() if k != "repaired"} == old
-    open_index(copy).query(read_queries(world["queries"])[:1], top_k=2)  # verifies every shard again
+    assert new["compressed"]["default"] == "int8"
+    queries = read_queries(world["queries"])[:1]
+    (got,), (want,) = open_index(copy).query(queries, top_k=2), open_index(built).query(queries, top_k=2)  # int8 + rerank
+    assert [p["doc_id"] for p in got["proponents"]] == [p["doc_id"] for p in want["proponents"]]
+    assert [p["score"] for p in got["proponents"]] == pytest.approx([p["score"] for p in want["proponents"]], abs=1e-5)
     capsys.readouterr()
     _build_again(world, copy, quiet=False)
     assert "files verified; nothing to do" in capsys.readouterr().out
