@@ -11,12 +11,22 @@ gradient* (the input token at t, whose activations x_t and δ_t form g_t) rather
 *predicted token* (one backward pass per loss term): one forward and backward per document gives
 an exact decomposition. δ_t includes the loss of every later token, so a position's score is what
 the model's computation at that token contributes to the document's influence on the query.
+
+Only q̂ depends on the query; the per-position vectors g_t and the norm ‖R^{-1/2} g‖ are the
+document's alone. `explain_pairs` therefore runs one backward pass per distinct document and turns
+it into the heat maps of every query that retrieved it with one [T, D] × [D, n] product, holding
+one document's [T, D] block at a time. R^{-1/2} moves to the query side, q̂ · R^{-1/2} g_t =
+(R^{-1/2}ᵀ q̂) · g_t, so it is applied once per query and once per document (to g, for the norm)
+rather than to every position: on a CPU that product, not the backward pass, dominated the cost.
+The norms are computed for a chunk of documents at once, which reads R^{-1/2} once per chunk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,18 +36,32 @@ from tracestar.corpus import Query, iter_documents
 from tracestar.errors import UserError
 from tracestar.index.store import as_float32
 
+POSITION_CONVENTION = (
+    "positions count the document's tokens from 0 as the model reads them, special tokens included; "
+    "a position's score is the part of the gradient carried by the model's activations at that input token, "
+    "so it includes the gradient from the loss of every later token"
+)
+
 
 @dataclass
 class TokenAttribution:
     doc_id: str
     doc_score: float  # the score `query` reports (from the stored vector)
-    tokens: list[tuple[str, float]]  # (token text, contribution); contributions sum to the score
+    tokens: list[tuple[str, float]]  # per position: (token text, contribution); contributions sum to the score
+    special: list[bool] = field(default_factory=list)  # per position: a special token of the tokenizer (eos, bos…)
+
+    def is_special(self, position: int) -> bool:
+        return bool(self.special[position]) if position < len(self.special) else False
 
     def to_json(self) -> dict:
         return {
             "doc_id": self.doc_id,
             "doc_score": self.doc_score,
-            "tokens": [{"token": t, "score": s} for t, s in self.tokens],
+            "position_convention": POSITION_CONVENTION,
+            "tokens": [
+                {"position": i, "token": t, "score": s, "special": self.is_special(i)}
+                for i, (t, s) in enumerate(self.tokens)
+            ],
         }
 
 
@@ -66,26 +90,124 @@ def stored_vector(index, doc_id: str) -> np.ndarray:
     raise UserError(f"{index.path}: row {row} is in no shard")  # pragma: no cover - manifest is consistent
 
 
-def explain_tokens(index, query: Query, doc_id: str, *, text: str | None = None, model_dir=None) -> TokenAttribution:
-    """Per-token contributions of `doc_id` to its score for `query` (they sum to the score)."""
+def _open(index):
     from tracestar.api import Index, open_index
 
-    if not isinstance(index, Index):
-        index = open_index(index)
-    if text is None:
-        text = document_texts(index, [doc_id]).get(doc_id)
-        if text is None:
-            raise UserError(f"{index.manifest['corpus']['path']}: no document with id {doc_id!r}")
-    q = torch.from_numpy(index.query_vectors([query], model_dir))[0]  # [D]
-    tracer = index.tracer(model_dir)
-    example = encode_document(tracer.tokenizer, text, 0, index.manifest["max_length"])
-    per_pos = index._capture.token_vectors(collate([example], tracer.pad))[0].cpu()  # [T, D]
-    whitened = index.preconditioner.apply(per_pos)  # [T, D], linear so it commutes with the sum
-    norm = whitened.sum(0).norm() if index.manifest["unit_norm"] else torch.tensor(1.0)
-    contrib = (whitened @ q) / norm.clamp(min=1e-30)  # [T]
-    doc_score = float(np.dot(stored_vector(index, doc_id), q.numpy()))
-    tokens = [tracer.tokenizer.decode([tid]) for tid in example.ids]
-    return TokenAttribution(doc_id, doc_score, list(zip(tokens, contrib.tolist())))
+    return index if isinstance(index, Index) else open_index(index)
+
+
+def pulled_back(precond, queries: torch.Tensor) -> torch.Tensor:
+    """[n, D] R^{-1/2}ᵀ q̂ per row of `queries` [n, D], so that q̂ · (R^{-1/2} g) = (this) · g."""
+    if precond.kind == "none":
+        return queries.float()
+    out = queries.clone().float()
+    for (s, e), m in zip(precond.ranges, precond.mats):
+        out[:, s:e] = queries[:, s:e].float() @ m.T  # apply() maps v to v @ m; its adjoint is q @ mᵀ
+    return out
+
+
+def document_terms(index, tracer, text: str, pulled: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(token ids [T], unnormalised contributions [T, n], gradient g [D]) of one document for the
+    queries given by `pulled` [n, D] (`pulled_back` of the final query vectors): one forward and
+    backward pass. Divided by `final_norms` of g, column j sums to the document's score for query j.
+    """
+    example = encode_document(tracer.tokenizer, text, 0, index.max_length)
+    per_pos = index._capture.token_vectors(collate([example], tracer.pad))[0].detach().cpu().float()  # [T, D]
+    return example.ids, per_pos @ pulled.T, per_pos.sum(0)
+
+
+def final_norms(index, grads: torch.Tensor) -> torch.Tensor:
+    """[c] ‖R^{-1/2} g‖ per row of `grads` [c, D] (ones without unit norm).
+
+    Many documents at once: R^{-1/2} is hundreds of MB, and reading it once per document would
+    cost more than the document's backward pass.
+    """
+    if not index.manifest["unit_norm"]:
+        return torch.ones(grads.shape[0])
+    return index.preconditioner.apply(grads).norm(dim=1).clamp(min=1e-30)
+
+
+def _doc_score(index, doc_id: str, q: np.ndarray, fallback: float) -> float:
+    """The score `query` reports: the stored vector · q; the exact sum when the vectors were dropped."""
+    if not index.store.has_kind("vectors"):
+        return fallback
+    return float(np.dot(stored_vector(index, doc_id), q))
+
+
+def explain_pairs(
+    index,
+    pairs: Sequence[tuple[Query, str]],
+    *,
+    texts: Mapping[str, str] | None = None,
+    model_dir=None,
+    quiet: bool = True,
+    on_error: Callable[[str, Exception], None] | None = None,
+    chunk_docs: int = 32,
+) -> dict[tuple[str, str], TokenAttribution]:
+    """Per-token attributions of many (query, doc_id) pairs, keyed by (query.id, doc_id).
+
+    One backward pass per distinct document, reused for every query that retrieved it; a progress
+    bar over documents unless `quiet`. Documents are taken `chunk_docs` at a time, so memory holds
+    one document's [T, D] per-position block plus `chunk_docs` gradients [D] besides the results.
+    A model that does not match the index is refused before any work (UserError). A document that
+    fails is passed to `on_error(doc_id, exc)` and left out; with no `on_error` the error is raised.
+    """
+    from tqdm.auto import tqdm
+
+    index = _open(index)
+    tracer = index.tracer(model_dir)  # refuses a mismatched model
+    queries: dict[str, Query] = {}
+    by_doc: dict[str, list[str]] = defaultdict(list)  # doc_id -> query ids, in first-seen order
+    for query, doc_id in pairs:
+        queries.setdefault(query.id, query)
+        if query.id not in by_doc[doc_id]:
+            by_doc[doc_id].append(query.id)
+    if not by_doc:
+        return {}
+    qids = list(queries)
+    q_final = torch.from_numpy(index.query_vectors([queries[i] for i in qids], model_dir))  # [Q, D]
+    pulled = pulled_back(index.preconditioner, q_final)  # [Q, D]
+    column = {qid: j for j, qid in enumerate(qids)}
+    missing = [d for d in by_doc if texts is None or d not in texts]
+    if missing:
+        texts = {**(texts or {}), **document_texts(index, missing)}
+    special_ids = set(getattr(tracer.tokenizer, "all_special_ids", None) or [])
+
+    out: dict[tuple[str, str], TokenAttribution] = {}
+    docs = list(by_doc.items())
+    with tqdm(total=len(docs), desc="explaining", unit="doc", disable=quiet) as bar:
+        for start in range(0, len(docs), chunk_docs):
+            done = []  # (doc_id, query ids, token ids, contributions [T, n] before the norm, g [D])
+            for doc_id, doc_qids in docs[start : start + chunk_docs]:
+                try:
+                    text = texts.get(doc_id)
+                    if text is None:
+                        raise UserError(f"{index.manifest['corpus']['path']}: no document with id {doc_id!r}")
+                    cols = [column[q] for q in doc_qids]
+                    done.append((doc_id, doc_qids, *document_terms(index, tracer, text, pulled[cols])))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    if on_error is None:
+                        raise
+                    on_error(doc_id, exc)
+                bar.update(1)
+            if not done:
+                continue
+            norms = final_norms(index, torch.stack([g for *_, g in done]))  # [c]
+            for (doc_id, doc_qids, ids, raw, _), norm in zip(done, norms):
+                contrib = raw / norm  # [T, n]
+                tokens = [tracer.tokenizer.decode([tid]) for tid in ids]
+                special = [tid in special_ids for tid in ids]
+                for j, qid in enumerate(doc_qids):
+                    score = _doc_score(index, doc_id, q_final[column[qid]].numpy(), float(contrib[:, j].sum()))
+                    out[(qid, doc_id)] = TokenAttribution(doc_id, score, list(zip(tokens, contrib[:, j].tolist())), special)
+    return out
+
+
+def explain_tokens(index, query: Query, doc_id: str, *, text: str | None = None, model_dir=None) -> TokenAttribution:
+    """Per-token contributions of `doc_id` to its score for `query` (they sum to the score)."""
+    index = _open(index)
+    texts = {doc_id: text} if text is not None else None
+    return explain_pairs(index, [(query, doc_id)], texts=texts, model_dir=model_dir)[(query.id, doc_id)]
 
 
 def explain(
