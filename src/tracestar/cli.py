@@ -175,8 +175,15 @@ def _add_query(sub) -> None:
 def _run_query(args) -> int:
     from tracestar.api import query_file
 
+    from tracestar.index.store import IndexStore
+
     results = query_file(args.index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank)
-    print(f"{len(results)} queries → {args.out}")
+    form, exact_scores = IndexStore(args.index).search_form(exact=args.exact, rerank=args.rerank)
+    if form == "exact":
+        searched = "exact (full-precision vectors)"
+    else:
+        searched = f"{form} ({'candidates re-scored exactly' if exact_scores else 'approximate scores'})"
+    print(f"{len(results)} queries → {args.out}; searched: {searched}")
     return 0
 
 
@@ -315,10 +322,17 @@ def _run_explain(args) -> int:
     if args.json:
         print(json.dumps(att.to_json(), ensure_ascii=False))
         return 0
-    print(f"{att.doc_id}: score {att.doc_score:+.5f} (sum of tokens {sum(s for _, s in att.tokens):+.5f})")
-    top = sorted(att.tokens, key=lambda ts: -abs(ts[1]))[:15]
-    for token, score in top:
-        print(f"  {score:+.5f}  {token!r}")
+    from tracestar.explain import POSITION_CONVENTION
+
+    n = len(att.tokens)
+    print(f"{att.doc_id}: score {att.doc_score:+.5f} (sum over its {n} positions {sum(s for _, s in att.tokens):+.5f})")
+    print(f"{POSITION_CONVENTION}.")
+    top = sorted(range(n), key=lambda i: -abs(att.tokens[i][1]))[:15]
+    print(f"top {len(top)} of {n} positions by |score| (--json lists all):")
+    print(f"  {'pos':>5}  {'score':>9}  token")
+    for i in top:
+        token, score = att.tokens[i]
+        print(f"  {i:>5}  {score:+.5f}  {token!r}{'  (special token)' if att.is_special(i) else ''}")
     return 0
 
 

@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DOCS = "docs.jsonl"
 KINDS = ("raw", "vectors")
+COMPRESSED_FORMS = ("int8", "pq")  # as `compress.FORMS` lists them; the first is the fallback default
 
 
 def shard_name(shard_no: int) -> str:
@@ -153,6 +154,21 @@ class IndexStore:
 
     def has_kind(self, kind: str) -> bool:
         return all(s.get(f"{kind}_sha256") for s in self.shards)
+
+    def search_form(self, *, exact: bool = False, rerank: int | None = None) -> tuple[str, bool]:
+        """(form, exact scores) that `tracestar query` searches with these options.
+
+        form: "exact" (the full-precision `vectors/` scan) or the compressed form it scans for
+        candidates, "int8" or "pq" (the manifest's default one). exact scores: whether the returned
+        scores are exact — always for "exact"; for a compressed form when its candidates are
+        re-scored from `vectors/` (present, and `rerank` is not 0). Mirrors `compress.search`.
+        """
+        comp = self.manifest.get("compressed") or {}
+        forms = [f for f in COMPRESSED_FORMS if f in comp]
+        if exact or not forms:
+            return "exact", True
+        form = comp.get("default") if comp.get("default") in forms else forms[0]
+        return form, rerank != 0 and self.has_kind("vectors")
 
     def verify_shard(self, kind: str, shard_no: int) -> None:
         """Checksum one shard against the manifest (once per process)."""
