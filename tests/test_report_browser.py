@@ -67,7 +67,7 @@ def _docs():
 def _token_scores():
     return {
         ("capital-fr", "d-paris"): [("Paris", 0.03), (" is", 0.002), (" the", -0.001), (" capital", 0.015),
-                                    (" of", 0.0), (" France", 0.006), (".", 0.0)],
+                                    (" of", 0.0), (" France", 0.006), (".", 0.0), ("<|endoftext|>", 0.0, True)],
         ("capital-fr", "d-evil"): [("<script>", 0.01), ("window.__pwned=1", 0.02), ("</script>", -0.005),
                                    (' <img src=x onerror="window.__pwned=1">', 0.006)],
         ("capital-it", "d-rome"): [("Rome", 0.04), (" is the capital of Italy.", 0.004)],
@@ -90,17 +90,39 @@ def _png(width: int = 2, height: int = 2) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+ACCURACY_WARNING = "first-token accuracy 39.8% is below 60%: <b>do not</b> expect the paper's findings"
+
+
+def _metrics(with_model: bool = True) -> dict:
+    """metrics.json as `tracestar eval` writes it (two methods, buckets, tail-patch, settings)."""
+    metrics = {
+        "trackstar": {"mrr": 0.29, "recall@1": 0.2, "recall@10": 0.5, "n": 10,
+                      "by_bucket": {"1-10": {"mrr": 0.25, "recall@10": 0.4, "n": 6}, "10+": {"mrr": 0.35, "recall@10": 0.65, "n": 4}},
+                      "tailpatch": {"1": {"delta_logprob": 0.0123, "delta_prob": 0.00004}, "10": {"delta_logprob": 0.005, "delta_prob": 0.001}}},
+        "bm25": {"mrr": 0.41, "recall@1": 0.3, "recall@10": 0.6, "n": 10,
+                 "by_bucket": {"1-10": {"mrr": 0.4, "recall@10": 0.5, "n": 6}, "10+": {"mrr": 0.42, "recall@10": 0.75, "n": 4}}},
+        "_settings": {"index": "runs/<b>idx</b>", "queries": "q.jsonl", "n_queries": 10, "n_queries_with_relevant": 10,
+                      "ks": [1, 10], "model": "runs/model", "variants": {}, "index_preconditioner": "mixed",
+                      "tailpatch": {"optimizer": "adafactor", "optimizer_state": "model/optimizer.pt", "lr": 0.01,
+                                    "n_queries": 10, "seconds": 3.5},
+                      "timings": {"query_s": 1.5, "total_s": 9.0}},
+    }
+    if with_model:
+        metrics["model"] = {"first_token_accuracy": 0.398, "accuracy_warning": ACCURACY_WARNING}
+    return metrics
+
+
 @pytest.fixture()
 def eval_dir(tmp_path):
     d = tmp_path / "eval"
     d.mkdir()
     (d / "mrr.png").write_bytes(_png())
     (d / "fake.png").write_bytes(b"<svg onload=alert(1)>")  # not a PNG: must be skipped
+    # report.md is for reading in a terminal; the HTML section is built from metrics.json, not from this
     (d / "report.md").write_text(
-        "# Evaluation <b>bold</b>\n\n| method | MRR |\n| --- | --- |\n| TrackStar | 0.29 |\n| <i>BM25</i> | 0.41 |\n",
-        encoding="utf-8",
+        "# Evaluation\n\n- **index**: `runs/idx`\n- model: `runs/model`\n\n![mrr.png](mrr.png)\n", encoding="utf-8",
     )
-    (d / "metrics.json").write_text(json.dumps({"trackstar": {"mrr": 0.29}, "bm25": {"mrr": 0.41}}))
+    (d / "metrics.json").write_text(json.dumps(_metrics()), encoding="utf-8")
     return d
 
 
@@ -122,8 +144,8 @@ def test_hostile_text_is_escaped(report):
     assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page  # plain text (an opponent)
     assert "&lt;script&gt;</span>" in page  # as heat-map tokens (a proponent)
     assert "&lt;img src=x onerror=&quot;window.__pwned=1&quot;&gt;" in page
-    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
-    assert "<i>BM25</i>" not in page
+    assert "<b>" not in page and "runs/&lt;b&gt;idx&lt;/b&gt;" in page  # from metrics.json
+    assert "&lt;b&gt;do not&lt;/b&gt;" in page  # the accuracy warning too
     assert "test &lt;report&gt;" in page
 
 
@@ -159,16 +181,46 @@ def test_heat_map_and_plain_text(report):
     page = report.read_text(encoding="utf-8")
     assert page.count('class="heat p8"') >= 3  # the top token of each explained document
     assert 'class="heat n' in page  # negative contributions are coloured too
-    assert 'title="+0.03"' in page  # hover value
+    assert 'title="position 0: +0.03"' in page  # hover: position (as `tracestar explain` numbers it) and value
     assert "A document with no per-token scores." in page  # plain text when no token scores
 
 
-def test_eval_dir_embedded(report):
+def test_special_tokens_are_hidden_but_keep_their_positions(tmp_path):
+    toks = [("<|endoftext|>", 0.5, True), ("Paris", 0.25), (" is", -0.125), ("<|endoftext|>", 0.0, True)]
+    page = render_report([{"query_id": "q", "proponents": [{"doc_id": "a", "score": 0.625}]}], {"a": "Paris is"},
+                         tmp_path / "r.html", token_scores={("q", "a"): toks}).read_text(encoding="utf-8")
+    assert "endoftext" not in page.split("</style>", 1)[1].replace("special token(s) not shown", "")
+    assert 'title="position 1: +0.25">Paris<' in page and 'title="position 2: -0.125"> is<' in page
+    assert "Σ tok 0.625" in page  # the sum still counts every position
+    assert "2 special token(s) not shown contribute +0.5" in page
+
+
+def test_eval_section_is_rendered_from_metrics_json(report):
     page = report.read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 1  # fake.png is not a PNG and is skipped
+    section = page[page.index('<section class="query evaluation"'):]
+    assert section.count('src="data:image/png;base64,') == 1  # fake.png is not a PNG and is skipped
     assert "onload=alert" not in page
-    assert "<th>method</th>" in page and "<td>0.29</td>" in page
-    assert "trackstar.mrr" in page
+    assert "**" not in section and "`" not in section and "![" not in section  # report.md is not parsed
+    assert "<li>model: <code>runs/model</code></li>" in section
+    assert "<th>method</th>" in section and "<td>TrackStar</td>" in section and "<td>BM25</td>" in section
+    assert '<td class="num">0.290</td>' in section and '<td class="num">0.410</td>' in section
+    assert '<td class="num">0.0123</td>' in section and '<td class="num">4.00e-05</td>' in section  # tail-patch
+    assert "<th>bucket</th>" in section and "<td>1-10</td>" in section and "<td>10+</td>" in section
+    assert "<code>adafactor</code>" in section and "lr = 0.01" in section
+    assert "Timings (s): query_s 1.5, total_s 9.0" in section
+    assert "trackstar.mrr" in section  # the raw metrics, collapsed
+    # the model's accuracy and its warning: in the section and at the top of the page
+    assert page.count("first-token accuracy <strong>39.8%</strong>") == 2
+    assert page.count('<p class="warn" role="note">') == 2
+
+
+def test_eval_section_without_accuracy_says_so(tmp_path):
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(_metrics(with_model=False)), encoding="utf-8")
+    page = render_report(_results(), _docs(), tmp_path / "r.html", eval_dir=d).read_text(encoding="utf-8")
+    assert "first-token accuracy not recorded in metrics.json" in page and 'class="warn"' not in page
+    assert "<td>TrackStar</td>" in page
 
 
 def test_bm25_column_from_results_field(tmp_path):
@@ -197,7 +249,7 @@ def _fake_index(tmp_path: Path) -> tuple[Path, Path]:
     index = tmp_path / "index"
     index.mkdir()
     (index / "manifest.json").write_text(json.dumps(
-        {"corpus": {"path": str(corpus), "text_field": "body", "id_field": "key"}}))
+        {"format_version": 1, "corpus": {"path": str(corpus), "text_field": "body", "id_field": "key"}}))
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in _results()), encoding="utf-8")
     return index, results
@@ -217,18 +269,40 @@ def test_build_report_explain_failures_fall_back(tmp_path, monkeypatch):
     index, results = _fake_index(tmp_path)
     calls = []
 
-    def explain_tokens(index_arg, query, doc_id, **kw):
-        calls.append((query.id, doc_id))
-        if doc_id == "d-evil":
-            raise RuntimeError("boom")
-        return types.SimpleNamespace(tokens=[("Tok", 0.5), ("en", -0.1)], doc_score=0.4)
+    def explain_pairs(index_arg, pairs, *, texts, model_dir, quiet, on_error):
+        calls.append([(q.id, d) for q, d in pairs])
+        out = {}
+        for q, d in pairs:
+            if d == "d-evil":
+                on_error(d, RuntimeError("boom"))
+                continue
+            out[(q.id, d)] = types.SimpleNamespace(tokens=[("Tok", 0.5), ("en", -0.1), ("<eos>", 0.0)], doc_score=0.4,
+                                                   is_special=lambda i: i == 2)
+        return out
 
-    monkeypatch.setitem(sys.modules, "tracestar.explain", types.SimpleNamespace(explain_tokens=explain_tokens))
+    monkeypatch.setitem(sys.modules, "tracestar.explain", types.SimpleNamespace(explain_pairs=explain_pairs))
     monkeypatch.setattr("tracestar.api.open_index", lambda path: "opened index")
-    page = build_report(results, index, tmp_path / "out.html").read_text(encoding="utf-8")
-    assert ("capital-fr", "d-evil") in calls and len(calls) == 5  # every proponent, not opponents
+    page = build_report(results, index, tmp_path / "out.html", quiet=True).read_text(encoding="utf-8")
+    assert len(calls) == 1 and len(calls[0]) == 5  # one call with every proponent, not opponents
+    assert ("capital-fr", "d-evil") in calls[0]
     assert page.count('class="heat p8"') == 4  # 4 explained proponents (+ none in legend: it uses p6)
+    assert "&lt;eos&gt;" not in page
     assert "&lt;script&gt;window.__pwned=1" in page  # the failed one is plain text
+
+
+def test_build_report_refuses_a_mismatched_model(tmp_path, monkeypatch):
+    from tracestar.errors import UserError
+
+    index, results = _fake_index(tmp_path)
+
+    def explain_pairs(*args, **kw):
+        raise UserError("other-model: model fingerprint 0123 differs from the index's 4567 (index); refusing to mix them")
+
+    monkeypatch.setitem(sys.modules, "tracestar.explain", types.SimpleNamespace(explain_pairs=explain_pairs))
+    monkeypatch.setattr("tracestar.api.open_index", lambda path: "opened index")
+    with pytest.raises(UserError, match="fingerprint"):
+        build_report(results, index, tmp_path / "out.html", model_dir="other-model")
+    assert not (tmp_path / "out.html").exists()
 
 
 def test_build_report_when_explain_missing(tmp_path, monkeypatch):
@@ -299,7 +373,11 @@ def test_browser_proponents_and_heat_map(page):
     coloured = [c for c in colours if c not in ("rgba(0, 0, 0, 0)", "transparent")]
     assert len(coloured) >= 8
     assert any("46, 160, 90" in c for c in colours) and any("214, 60, 50" in c for c in colours)
-    assert heat.first.get_attribute("title") == "+0.03"
+    assert heat.first.get_attribute("title") == "position 0: +0.03"
+    # the tokenizer's special tokens are not part of the displayed text
+    docs_text = sec.locator("ol.proponents .doc").all_inner_texts()
+    assert docs_text[0] == "Paris is the capital of France."
+    assert not any("endoftext" in t for t in page.locator("main").all_inner_texts())
     bars = sec.locator("ol.proponents .fill.pos")
     assert bars.count() == 3 and bars.first.evaluate("e => e.getBoundingClientRect().width") > 0
 
@@ -347,3 +425,25 @@ def test_browser_search_filters(page):
     page.locator("#qlist li a", has_text="currency-jp").click()
     assert page.url.endswith("#q2")
     assert _section(page, "currency-jp").is_visible()
+
+
+def test_browser_evaluation_section(page):
+    sec = page.locator("section#evaluation")
+    sec.scroll_into_view_if_needed()
+    assert sec.locator("ul.settings > li").count() == 3  # index, model, queries: real list items
+    assert sec.locator("ul.settings > li").nth(1).inner_text() == "model: runs/model"
+    assert sec.locator("code").count() >= 4 and sec.locator("code").first.inner_text() == "runs/<b>idx</b>"
+    img = sec.locator("figure img")
+    assert img.count() == 1
+    assert img.evaluate("e => e.complete && e.naturalWidth") == 2  # the PNG decoded (2 × 2)
+    text = sec.inner_text()
+    assert "**" not in text and "`" not in text and "![" not in text
+    assert "first-token accuracy 39.8%" in text
+    warn = sec.locator(".warn")
+    assert warn.is_visible() and warn.inner_text() == ACCURACY_WARNING  # escaped: the markup shows as text
+    # also at the top of the page, before the queries
+    top = page.locator("main > .top-eval")
+    assert "first-token accuracy 39.8%" in top.inner_text() and top.locator(".warn").is_visible()
+    rows = sec.locator("table.md").first.locator("tr")
+    assert rows.first.locator("th").all_inner_texts()[:3] == ["method", "MRR", "R@1"]
+    assert rows.nth(1).locator("td").first.inner_text() == "TrackStar"

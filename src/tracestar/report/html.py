@@ -18,7 +18,6 @@ import html
 import json
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -26,6 +25,9 @@ log = logging.getLogger(__name__)
 
 _HEAT_LEVELS = 8  # colour steps per sign; tokens are binned per document by |score| / max |score|
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# one position of a heat map: (text, score) or (text, score, is a special token of the tokenizer)
+Token = tuple[str, float] | tuple[str, float, bool]
 
 
 def _esc(value: Any) -> str:
@@ -43,27 +45,35 @@ def _fmt(x: float) -> str:
 # pieces
 
 
-def _heat_tokens(tokens: Sequence[tuple[str, float]], max_tokens: int) -> str:
-    """Per-token heat map: class `heat` plus `p<k>` / `n<k>` for the colour level, value in title."""
-    scores = [float(s) for _, s in tokens]
-    finite = [abs(s) for s in scores if math.isfinite(s)]
+def _heat_tokens(tokens: Sequence[Token], max_tokens: int) -> str:
+    """Per-token heat map: class `heat` plus `p<k>` / `n<k>` for the colour level, position and value in title.
+
+    `tokens` holds one entry per position, `(text, score)` or `(text, score, special)`. Special tokens
+    of the tokenizer (`<|endoftext|>` and the like) are not shown, but they keep their position, so
+    the titles give the same positions as `tracestar explain`.
+    """
+    shown = [(i, str(t[0]), float(t[1])) for i, t in enumerate(tokens[:max_tokens]) if not _is_special(t)]
+    finite = [abs(s) for _, _, s in shown if math.isfinite(s)]
     top = max(finite, default=0.0)
     out = []
-    for i, (tok, s) in enumerate(tokens[:max_tokens]):
-        s = float(s)
+    for i, tok, s in shown:
         if top > 0 and math.isfinite(s) and s != 0:
             level = max(1, min(_HEAT_LEVELS, math.ceil(abs(s) / top * _HEAT_LEVELS)))
             cls = f"heat {'p' if s > 0 else 'n'}{level}"
         else:
             cls = "heat z"
-        out.append(f'<span class="{cls}" title="{_esc(f"{s:+.3g}")}">{_esc(tok)}</span>')
-    if len(tokens) > max_tokens:
-        rest = tokens[max_tokens:]
-        rest_sum = sum(float(s) for _, s in rest)
+        out.append(f'<span class="{cls}" title="{_esc(f"position {i}: {s:+.3g}")}">{_esc(tok)}</span>')
+    rest = [t for t in tokens[max_tokens:] if not _is_special(t)]
+    if rest:
+        rest_sum = sum(float(t[1]) for t in rest)
         out.append(
             f'<span class="trunc">… {len(rest)} more tokens not shown (their sum {_esc(f"{rest_sum:+.3g}")})</span>'
         )
     return "".join(out)
+
+
+def _is_special(token: Token) -> bool:
+    return len(token) > 2 and bool(token[2])
 
 
 def _plain_text(text: str | None, max_chars: int) -> str:
@@ -86,7 +96,7 @@ def _doc_entry(
     rank: int,
     item: Mapping[str, Any],
     docs: Mapping[str, str],
-    tokens: Sequence[tuple[str, float]] | None,
+    tokens: Sequence[Token] | None,
     scale: float,
     *,
     marks: set[str],
@@ -98,9 +108,13 @@ def _doc_entry(
     score = float(item.get("score", float("nan")))
     extra = '<span class="tsum"></span>'
     if tokens is not None:
-        total = sum(float(s) for _, s in tokens)
+        total = sum(float(t[1]) for t in tokens)
+        hidden = [float(t[1]) for t in tokens if _is_special(t)]
+        note = "sum of per-token contributions"
+        if hidden:
+            note += f"; {len(hidden)} special token(s) not shown contribute {sum(hidden):+.3g}"
         body = f'<div class="doc heatmap">{_heat_tokens(tokens, max_tokens)}</div>'
-        extra = f'<span class="tsum" title="sum of per-token contributions">Σ tok {_esc(_fmt(total))}</span>'
+        extra = f'<span class="tsum" title="{_esc(note)}">Σ tok {_esc(_fmt(total))}</span>'
     else:
         body = f'<div class="doc">{_plain_text(docs.get(doc_id), max_chars)}</div>'
     badge = '<span class="badge" title="in both the TrackStar and BM25 lists">both</span>' if doc_id in marks else ""
@@ -118,7 +132,7 @@ def _doc_list(
     items: Sequence[Mapping[str, Any]],
     query_id: str,
     docs: Mapping[str, str],
-    token_scores: Mapping[tuple[str, str], Sequence[tuple[str, float]]] | None,
+    token_scores: Mapping[tuple[str, str], Sequence[Token]] | None,
     *,
     kind: str,
     scale: float,
@@ -208,73 +222,153 @@ def _sidebar_item(idx: int, res: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # evaluation directory
+#
+# Rendered from metrics.json (what `tracestar eval` measured), not from report.md: the HTML is
+# built element by element, so lists, code and images are real elements and every value is escaped.
+
+_METHOD_NAMES = {"trackstar": "TrackStar", "bm25": "BM25", "relevant": "fact-stating documents"}
 
 
-def _markdown(md: str) -> str:
-    """A small, safe subset of Markdown: headings, pipe tables, paragraphs. Everything escaped."""
-    out: list[str] = []
-    lines = md.splitlines()
-    i = 0
-    para: list[str] = []
+def _method_name(method: str) -> str:
+    return _METHOD_NAMES.get(method, method)
 
-    def flush() -> None:
-        if para:
-            out.append(f"<p>{_esc(' '.join(para))}</p>")
-            para.clear()
 
-    def cells(line: str) -> list[str]:
-        line = line.strip()
-        if line.startswith("|"):
-            line = line[1:]
-        if line.endswith("|"):
-            line = line[:-1]
-        return [c.strip() for c in line.split("|")]
+def _num(x: Any, digits: int = 3) -> str:
+    """A metric as text: fixed decimals, tiny values in e-notation, '–' when absent."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        if x != 0 and abs(x) < 10**-digits:
+            return f"{x:.2e}"
+        return f"{x:.{digits}f}"
+    return str(x)
 
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            flush()
-            block = []
-            i += 1
-            while i < len(lines) and not lines[i].strip().startswith("```"):
-                block.append(lines[i])
-                i += 1
-            out.append(f"<pre>{_esc(chr(10).join(block))}</pre>")
-            i += 1
-            continue
-        m = re.match(r"^(#{1,6})\s+(.*)$", stripped)
-        if m:
-            flush()
-            level = min(6, len(m.group(1)) + 2)
-            out.append(f"<h{level}>{_esc(m.group(2))}</h{level}>")
-            i += 1
-            continue
-        if stripped.startswith("|"):
-            flush()
-            rows = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                rows.append(cells(lines[i]))
-                i += 1
-            if len(rows) >= 2 and all(re.fullmatch(r":?-{1,}:?", c) for c in rows[1] if c):
-                head, body = rows[0], rows[2:]
-            else:
-                head, body = None, rows
-            t = ['<table class="md">']
-            if head:
-                t.append("<tr>" + "".join(f"<th>{_esc(c)}</th>" for c in head) + "</tr>")
-            for r in body:
-                t.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>")
-            t.append("</table>")
-            out.append("".join(t))
-            continue
-        if not stripped:
-            flush()
-        else:
-            para.append(stripped)
-        i += 1
-    flush()
-    return "".join(out)
+
+def _code(value: Any) -> str:
+    return f"<code>{_esc(value)}</code>"
+
+
+def _table(head: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
+    """A table from already-escaped cells; columns from `numeric_from` on are right-aligned."""
+    def row(cells: Sequence[str], tag: str) -> str:
+        attrs = ["" if j < numeric_from else ' class="num"' for j in range(len(cells))]
+        return "<tr>" + "".join(f"<{tag}{a}>{c}</{tag}>" for a, c in zip(attrs, cells)) + "</tr>"
+
+
+    body = "".join(row(r, "td") for r in rows)
+    return f'<table class="md">{row(head, "th")}{body}</table>'
+
+
+def _methods(metrics: Mapping[str, Any]) -> list[str]:
+    """Method entries of metrics.json: dict values whose key is not `_settings`-like or `model`."""
+    return [m for m, v in metrics.items() if not m.startswith("_") and m != "model" and isinstance(v, dict)]
+
+
+def _ks(metrics: Mapping[str, Any], methods: Sequence[str]) -> list[int]:
+    ks = (metrics.get("_settings") or {}).get("ks")
+    if ks:
+        return [int(k) for k in ks]
+    found: set[int] = set()
+    for m in methods:
+        found |= {int(k.split("@", 1)[1]) for k in metrics[m] if k.startswith("recall@") and k[7:].isdigit()}
+        found |= {int(k) for k in (metrics[m].get("tailpatch") or {}) if str(k).isdigit()}
+    return sorted(found)
+
+
+def model_accuracy_note(metrics: Mapping[str, Any]) -> str:
+    """The model's first-token accuracy (and its warning) as a paragraph; says so when not recorded."""
+    model = metrics.get("model") if isinstance(metrics.get("model"), dict) else {}
+    acc = model.get("first_token_accuracy")
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc):
+        text = f"Model: first-token accuracy <strong>{_esc(f'{acc:.1%}')}</strong> on the evaluation queries."
+    else:
+        text = "Model: first-token accuracy not recorded in metrics.json."
+    out = f'<p class="accuracy">{text}</p>'
+    warning = model.get("accuracy_warning")
+    if warning:
+        out += f'<p class="warn" role="note">{_esc(warning)}</p>'
+    return out
+
+
+def _settings_list(s: Mapping[str, Any]) -> str:
+    items = []
+    if s.get("index") is not None:
+        items.append(f"index: {_code(s['index'])} (preconditioner: {_esc(s.get('index_preconditioner'))})")
+    if s.get("model") is not None:
+        items.append(f"model: {_code(s['model'])}")
+    if s.get("queries") is not None:
+        items.append(
+            f"queries: {_code(s['queries'])} — {_esc(s.get('n_queries'))} queries, "
+            f"{_esc(s.get('n_queries_with_relevant'))} with ground-truth documents"
+        )
+    for name, path in (s.get("variants") or {}).items():
+        items.append(f"variant {_code(name)}: {_code(path)}")
+    return f'<ul class="settings">{"".join(f"<li>{i}</li>" for i in items)}</ul>' if items else ""
+
+
+def _results_table(metrics: Mapping[str, Any], methods: Sequence[str], ks: Sequence[int]) -> str:
+    has_tp = any(metrics[m].get("tailpatch") for m in methods)
+    head = ["method", "MRR"] + [f"R@{k}" for k in ks]
+    if has_tp:
+        head += [f"Δlogp@{k}" for k in ks] + [f"Δp@{k}" for k in ks]
+    rows = []
+    for m in methods:
+        d = metrics[m]
+        row = [_esc(_method_name(m)), _esc(_num(d.get("mrr")))] + [_esc(_num(d.get(f"recall@{k}"))) for k in ks]
+        if has_tp:
+            tp = d.get("tailpatch") or {}
+            row += [_esc(_num((tp.get(str(k)) or {}).get("delta_logprob"), 4)) for k in ks]
+            row += [_esc(_num((tp.get(str(k)) or {}).get("delta_prob"), 4)) for k in ks]
+        rows.append(row)
+    return _table([_esc(h) for h in head], rows)
+
+
+def _bucket_table(metrics: Mapping[str, Any], methods: Sequence[str]) -> str:
+    methods = [m for m in methods if isinstance(metrics[m].get("by_bucket"), dict)]
+    if not methods:
+        return ""
+    buckets = list(dict.fromkeys(b for m in methods for b in metrics[m]["by_bucket"]))  # eval wrote them in order
+    head = ["bucket", "n"] + [f"{_method_name(m)} MRR" for m in methods] + [f"{_method_name(m)} R@10" for m in methods]
+    rows = []
+    for b in buckets:
+        cells = [(metrics[m]["by_bucket"].get(b) or {}) for m in methods]
+        n = next((c["n"] for c in cells if "n" in c), 0)
+        rows.append([_esc(b), _esc(n)] + [_esc(_num(c.get("mrr"))) for c in cells]
+                    + [_esc(_num(c.get("recall@10"))) for c in cells])
+    return "<h3>Attribution by bucket</h3>" + _table([_esc(h) for h in head], rows, numeric_from=1)
+
+
+def _tailpatch_note(tps: Mapping[str, Any]) -> str:
+    lr = tps.get("lr")
+    lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else str(lr)
+    return (
+        f"<p>Tail-patch: one {_code(tps.get('optimizer'))} step (state: {_code(tps.get('optimizer_state'))}) "
+        f"at lr = {_esc(lr_text)} on each proponent, dropout off, from the final checkpoint, restored between "
+        f"documents; {_esc(tps.get('n_queries'))} queries (bucket-stratified sample), {_esc(tps.get('seconds'))} s. "
+        f"“{_esc(_method_name('relevant'))}” = up to k of the ground-truth documents.</p>"
+    )
+
+
+def _metrics_html(metrics: Mapping[str, Any]) -> str:
+    s = metrics.get("_settings") if isinstance(metrics.get("_settings"), dict) else {}
+    methods = _methods(metrics)
+    parts = [model_accuracy_note(metrics), _settings_list(s)]
+    if methods:
+        parts.append(
+            "<h3>Results</h3><p>Attribution: MRR of the first document that states the fact; R@k = share of "
+            "queries with one in the top k. Influence (tail-patch): mean increase of the target's "
+            "log-probability (Δlogp) and probability (Δp) after one training step on a single proponent, "
+            "averaged over the top-k proponents and the queries.</p>"
+        )
+        parts.append(_results_table(metrics, methods, _ks(metrics, methods)))
+    if isinstance(s.get("tailpatch"), dict):
+        parts.append(_tailpatch_note(s["tailpatch"]))
+    parts.append(_bucket_table(metrics, methods))
+    return "".join(parts)
 
 
 def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -286,25 +380,23 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
+def read_metrics(eval_dir: str | Path) -> dict | None:
+    """metrics.json of an eval directory, or None when there is none or it is not a JSON object."""
+    try:
+        metrics = json.loads((Path(eval_dir) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
 def _eval_section(eval_dir: str | Path) -> str:
     d = Path(eval_dir)
     parts = []
-    md = d / "report.md"
-    if md.is_file():
-        parts.append(f'<div class="md">{_markdown(md.read_text(encoding="utf-8", errors="replace"))}</div>')
-    mj = d / "metrics.json"
-    if mj.is_file():
-        try:
-            metrics = json.loads(mj.read_text(encoding="utf-8"))
-            rows = "".join(
-                f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v) if isinstance(v, float) else json.dumps(v))}</td></tr>"
-                for k, v in _flatten(metrics)
-            )
-            parts.append(
-                f'<details class="metrics"><summary>metrics.json</summary><table class="md">{rows}</table></details>'
-            )
-        except (OSError, ValueError) as exc:
-            parts.append(f'<p class="missing">metrics.json unreadable: {_esc(exc)}</p>')
+    metrics = read_metrics(d)
+    if metrics is not None:
+        parts.append(_metrics_html(metrics))
+    elif (d / "metrics.json").exists():
+        parts.append('<p class="missing">metrics.json is unreadable or not a JSON object</p>')
     for png in sorted(d.glob("*.png")):
         data = png.read_bytes()
         if not data.startswith(_PNG_MAGIC):
@@ -314,8 +406,17 @@ def _eval_section(eval_dir: str | Path) -> str:
             f'<figure><img alt="{_esc(png.name)}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{_esc(png.name)}</figcaption></figure>"
         )
+    timings = ((metrics or {}).get("_settings") or {}).get("timings")
+    if isinstance(timings, dict) and timings:
+        parts.append("<p>Timings (s): " + ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in timings.items()) + "</p>")
+    if metrics is not None:
+        rows = "".join(
+            f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v) if isinstance(v, float) else json.dumps(v))}</td></tr>"
+            for k, v in _flatten(metrics)
+        )
+        parts.append(f'<details class="metrics"><summary>metrics.json</summary><table class="md">{rows}</table></details>')
     if not parts:
-        parts.append(f'<p class="missing">nothing found in {_esc(d)}</p>')
+        parts.append(f'<p class="missing">no metrics.json or plots in {_esc(d)}</p>')
     return f'<section class="query evaluation" id="evaluation"><h2>Evaluation results</h2>{"".join(parts)}</section>'
 
 
@@ -375,6 +476,11 @@ table.md{border-collapse:collapse;margin:8px 0;font-size:13px}
 table.md th,table.md td{border:1px solid #d9dce3;padding:3px 8px;text-align:left}
 figure{margin:12px 0}figure img{max-width:100%;border:1px solid #e4e6eb}figcaption{font-size:12px;color:#667}
 pre{background:#fafbfc;padding:8px;overflow-x:auto}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;background:#f0f2f5;padding:0 3px;border-radius:3px}
+table.md td.num,table.md th.num{text-align:right}
+.evaluation ul{margin:4px 0 8px;padding-left:20px}.evaluation h3{font-size:14px;margin:14px 0 4px}
+.accuracy{margin:4px 0}
+.warn{background:#fff4e5;border:1px solid #f0b46a;border-radius:6px;padding:6px 10px;margin:6px 0;color:#6b3d00}
 .hidden{display:none!important}
 @media (max-width:900px){.cols.two{grid-template-columns:minmax(0,1fr)}#side{width:220px}}
 """
@@ -428,7 +534,7 @@ def render_report(
     docs: Mapping[str, str],
     out_path: str | Path,
     *,
-    token_scores: Mapping[tuple[str, str], Sequence[tuple[str, float]]] | None = None,
+    token_scores: Mapping[tuple[str, str], Sequence[Token]] | None = None,
     bm25: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     eval_dir: str | Path | None = None,
     title: str = "tracestar report",
@@ -455,7 +561,13 @@ def render_report(
         )
         side.append(_sidebar_item(idx, res))
     eval_html = _eval_section(eval_dir) if eval_dir is not None else ""
-    eval_link = '<p class="legend"><a href="#evaluation">Evaluation results ↓</a></p>' if eval_dir is not None else ""
+    eval_link = ""
+    if eval_dir is not None:  # the model's accuracy (and its warning) at the top as well
+        metrics = read_metrics(eval_dir)
+        eval_link = (
+            '<div class="legend top-eval"><a href="#evaluation">Evaluation results ↓</a>'
+            f'{model_accuracy_note(metrics) if metrics is not None else ""}</div>'
+        )
     legend = (
         '<p class="legend">Scores are TrackStar influence (cosine of corrected, projected gradients). '
         "Token colours: contribution to the document's score, scaled per document — "
@@ -514,33 +626,50 @@ def _load_docs(index_dir: Path, wanted: set[str]) -> dict[str, str]:
     return {d.id: d.text for d in iter_documents(path, **kw) if d.id in wanted}
 
 
-def _explain_all(index_dir: Path, results: list[dict], docs: dict[str, str], model_dir) -> dict[tuple[str, str], list]:
-    """Per-token scores for every proponent; any failure leaves that document as plain text."""
+def _explain_all(
+    index_dir: Path, results: list[dict], docs: dict[str, str], model_dir, *, quiet: bool = False
+) -> dict[tuple[str, str], list[Token]]:
+    """Per-token scores for every proponent, one backward pass per distinct document.
+
+    A model that does not match the index is refused (UserError, as `query` refuses it); any other
+    failure leaves the affected documents as plain text.
+    """
+    from tracestar.errors import UserError
+
     try:
         from tracestar.api import open_index
         from tracestar.corpus import Query
-        from tracestar.explain import explain_tokens
+        from tracestar.explain import explain_pairs
 
         index = open_index(index_dir)
     except Exception as exc:  # noqa: BLE001 - explain is optional for the report
         log.warning("per-token explanations unavailable (%s); showing plain text", exc)
         return {}
-    out, failed = {}, 0
+    pairs = []
     for res in results:
         if res.get("prompt") is None or res.get("target") is None:
             continue
         query = Query(id=str(res["query_id"]), prompt=res["prompt"], target=res["target"])
-        for hit in res.get("proponents") or []:
-            doc_id = str(hit["doc_id"])
-            try:
-                ex = explain_tokens(index, query, doc_id, text=docs.get(doc_id), model_dir=model_dir)
-                out[(query.id, doc_id)] = [(str(t), float(s)) for t, s in ex.tokens]
-            except Exception as exc:  # noqa: BLE001
-                failed += 1
-                log.debug("explain failed for %s / %s: %s", query.id, doc_id, exc)
+        pairs += [(query, str(hit["doc_id"])) for hit in res.get("proponents") or []]
+    failed: list[str] = []
+
+    def on_error(doc_id: str, exc: Exception) -> None:
+        failed.append(doc_id)
+        log.debug("explain failed for %s: %s", doc_id, exc)
+
+    try:
+        found = explain_pairs(index, pairs, texts=docs, model_dir=model_dir, quiet=quiet, on_error=on_error)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        log.warning("per-token explanations failed (%s); showing plain text", exc)
+        return {}
     if failed:
-        log.warning("per-token explanation failed for %d documents; shown as plain text", failed)
-    return out
+        log.warning("per-token explanation failed for %d documents; shown as plain text", len(failed))
+    return {
+        key: [(str(t), float(s), att.is_special(i)) for i, (t, s) in enumerate(att.tokens)]
+        for key, att in found.items()
+    }
 
 
 def build_report(
@@ -550,8 +679,12 @@ def build_report(
     eval_dir: str | Path | None = None,
     explain: bool = True,
     model_dir: str | Path | None = None,
+    quiet: bool = False,
 ) -> Path:
-    """Load RESULTS.jsonl and the index's corpus (and per-token explanations) and render."""
+    """Load RESULTS.jsonl and the index's corpus (and per-token explanations) and render.
+
+    With `explain`, a progress bar over the explained documents goes to stderr unless `quiet`.
+    """
     index_dir = Path(index_dir)
     results = _read_results(Path(results_path))
     wanted = {
@@ -561,7 +694,7 @@ def build_report(
         for h in (r.get(key) or [])
     }
     docs = _load_docs(index_dir, wanted)
-    token_scores = _explain_all(index_dir, results, docs, model_dir) if explain else None
+    token_scores = _explain_all(index_dir, results, docs, model_dir, quiet=quiet) if explain else None
     return render_report(
         results, docs, out_path, token_scores=token_scores or None, eval_dir=eval_dir,
         title=f"tracestar report — {Path(results_path).name}",
