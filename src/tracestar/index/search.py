@@ -3,20 +3,33 @@
 One pass over the shards, a chunk of rows at a time, yields both lists: proponents (highest scores)
 and opponents (most negative). Memory is bounded by the chunk size and k, never by the corpus.
 
-How a chunk is scored (measured on a 2-core AVX512-BF16/FP16 CPU, see bench/search.py):
+**The score of a row** is the exact dot product of the query with the stored (decoded) vector,
+rounded once to the nearest float32 (`canonical_scores`). It is a function of the row's bytes and
+the query alone: BLAS kernels do not promise one summation order (a row's place in a kernel tile
+changes it, and so can the CPU), so two copies of one document could otherwise score a few ulps
+apart and come back in either order. Equal stored vectors therefore always tie, and ties are
+broken by row like a stable sort (proponents: ascending row; opponents: descending row, i.e. the
+reverse of the proponents' order). The rounding is computed as a float64 product (exact for float32
+operands) whose error bound decides whether the float32 rounding is certain; the rare pair near a
+float32 rounding boundary is summed again exactly (`_exact_round_f32`).
 
-- float32 shards: one fp32 matmul per chunk; exact.
-- float16 / bfloat16 shards: the chunk is *not* converted to float32 (that conversion ran far
-  below memory bandwidth); the matmul runs in the stored dtype (oneDNN has native bf16 and fp16
-  kernels with fp32 accumulation), the query rounded to the same dtype. That score is approximate
-  (query rounding, output rounding), with a per-query error bound `e(s) = a_q·‖x‖ + rel·|s|`.
-  The scan keeps only approximate top-(k + margin) lists per query (for s and −s); no exact work
-  runs per chunk. Afterwards the listed rows whose bound reaches the k-th best are re-scored once
-  in float32 (a sorted gather from the mmaps), and each query gets a certificate: the k-th exact
-  score beats the upper bound of every row outside its list. Queries without one (the error band
-  held more rows than the margin) are rescanned with inline re-scoring (`_scan_inline`). So the
-  result equals a float32 brute force over the decoded stored vectors, ties broken by row like a
-  stable sort, and the scan itself costs about the bare stored-dtype matmuls (bench/search.py).
+How a chunk is scanned (measured on a 2-core AVX512-BF16/FP16 CPU, see bench/search.py):
+
+- The matmul runs in the stored dtype (oneDNN has native bf16 and fp16 kernels with fp32
+  accumulation; float32 shards use the fp32 gemm), the query rounded to the same dtype; float16 /
+  bfloat16 chunks are *not* converted to float32 (that conversion ran far below memory bandwidth).
+  That score is approximate, with a per-query error bound
+  `e(s) = (‖q − q_low‖ + acc)·‖x‖ + rel·|s|` (query rounding, accumulation, output rounding), so a
+  different kernel tiling moves it by far less than its bound.
+- The scan keeps only approximate top-(k + margin) lists per query (for s and −s); no exact work
+  runs per chunk. Afterwards the listed rows whose bound reaches the k-th best get their canonical
+  score (a sorted gather from the mmaps), and each query gets a certificate: the k-th canonical
+  score beats the float32 rounding of every unlisted row's upper bound. Bounds are compared after
+  that rounding, so a row that could round to the k-th score (a tie, to be broken by row) is never
+  dropped. Queries without a certificate (the error band held more rows than the margin) are
+  rescanned with inline re-scoring (`_scan_inline`). So the result equals a brute force of
+  canonical scores with a stable sort, and the scan itself costs about the bare stored-dtype
+  matmuls (bench/search.py).
 
 Distributed (`topk_distributed`): under torch.distributed rank r scans shards s ≡ r (mod world) and
 the per-rank lists are all-gathered and merged, which gives the single-process answer.
@@ -24,6 +37,7 @@ the per-rank lists are all-gathered and merged, which gives the single-process a
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -31,15 +45,21 @@ import numpy as np
 import torch
 
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.index.store import IndexStore, as_float32
+from tracestar.index.store import IndexStore
 
 # Rows per chunk are chosen so one chunk of stored vectors is about this many bytes: big enough to
 # amortise per-call overhead, small enough to stay in the last-level cache for the exact re-score.
 CHUNK_BYTES = 32 << 20
 
-# Relative output-rounding error of a matmul whose result is stored in the given dtype
+# Relative output-rounding error of a chunk matmul whose result is stored in the given dtype
 # (half an ulp, with slack for the conversion of the accumulator).
-_REL_OUT = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+_REL_OUT = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "float32": 2.0**-23}
+
+# Accumulation error of a chunk matmul (fp32 accumulators), per unit of ‖q‖·‖x‖: λ·√D·u32. The
+# worst case D·u32 is far from what blocked kernels do: rounding errors add up like a random walk
+# (Higham & Mary, SIAM J. Sci. Comput. 2019: the bound holds with probability ≥ 1 − 2D·e^(−λ²/2),
+# i.e. 1 − 6e-18 per score at λ = 10, D = 16k), whatever order a kernel sums in.
+_ACC_LAMBDA = 10.0
 
 
 @dataclass
@@ -135,23 +155,6 @@ class _RunningTopK:
         self.vals, self.rows = torch.gather(all_vals, 1, o), torch.gather(all_rows, 1, o)
 
 
-# Candidates kept per query and side during a low-precision scan, beyond k. The approximate scores
-# carry a worst-case error bound (query rounding × ‖x‖ + output rounding); every row whose bound
-# overlaps the k-th best must be re-scored. For unit vectors at D ≈ 16k that band holds a few rows
-# for fp16 and ~100 for bf16 (rounding 8× coarser); a query whose band overflows the list is
-# rescanned (`_scan_inline`), so the margin only trades list upkeep against rescans.
-_MARGIN = {"float16": 64, "bfloat16": 256}
-
-
-def _chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-    """[Q, C] float32 scores of the low-precision query against a stored chunk (stored dtype matmul).
-
-    X·qᵀ with the big chunk as the row-major source operand: oneDNN then repacks only the small
-    query panel per call (not the chunk), which measured a little faster than q·Xᵀ for bf16.
-    """
-    return torch.mm(xc, q_low.T).T.float()
-
-
 def _merge_above_threshold(lst: _RunningTopK, sc: torch.Tensor, first_row: int) -> None:
     """Merge a chunk's scores [Q, C] into a running list, looking only at columns that can enter.
 
@@ -187,6 +190,214 @@ def _mend_split_ties(sub: torch.Tensor, v: torch.Tensor, i: torch.Tensor, ties: 
         v[qi] = sub[qi, i[qi]]
 
 
+# --- canonical scores: the exact dot product, rounded once to float32 -----------------------------
+
+_U64 = 2.0**-53  # unit roundoff of float64
+
+
+def _gamma(n: int) -> float:
+    """γ_n = n·u/(1 − n·u): a float64 sum of n terms in any order is within γ_n·Σ|terms| of the exact sum."""
+    return n * _U64 / (1.0 - n * _U64)
+
+
+def _f64_dots(q64: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[Q, n] float64 q·xᵀ (x float16 / float32, widened on the fly), summed in whatever order the
+    kernel picks.
+
+    The products of float32 operands are exact in float64, so the result is within γ_D·Σ|q_i·x_i|
+    of the exact dot product wherever the row sits in a kernel's tiles. One query (the re-score
+    of a scan's candidates) goes through einsum's buffered loop: single-threaded and cache-sized,
+    which on a loaded 2-core machine ran 3–10× faster than torch's threaded kernels on these
+    small operands.
+    """
+    if q64.shape[0] == 1:
+        return np.einsum("ij,j->i", x, q64[0], dtype=np.float64)[None, :]
+    return q64 @ x.astype(np.float64).T
+
+
+def _round_if_certain(f: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 rounding of f, where it is certain): every value within ±delta of f rounds alike.
+
+    Rounding is monotone, so both ends of the interval rounding alike settles every value between.
+    Non-finite values count as certain (they round to themselves).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        sure = ((f - delta).astype(np.float32) == (f + delta).astype(np.float32)) | ~np.isfinite(f)
+        return f.astype(np.float32), sure
+
+
+def canonical_scores(q: np.ndarray, x: np.ndarray, x_norm: float | None = None) -> np.ndarray:
+    """[Q, n] float32: each q_i·x_j computed exactly and rounded once to the nearest float32 (ties to even).
+
+    q: float32 [Q, D]; x: [n, D] float16 or float32 (bfloat16 rows widened by `_decoded`).
+    x_norm: a bound on every ‖x_j‖ when the caller has one (a unit-norm index); else the norms
+    are computed. The result depends only on the two vectors: not on where x_j sits in x, nor on
+    the BLAS, the CPU or the thread count. So equal stored vectors always tie, and every search
+    path, the compressed re-rank and the brute force agree bit for bit.
+    """
+    q64 = np.asarray(q, dtype=np.float64)
+    f = _f64_dots(q64, x)  # [Q, n]
+    nq = np.sqrt(np.einsum("ij,ij->i", q64, q64))
+    if x_norm is None:
+        nx = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    else:
+        nx = np.full(x.shape[0], float(x_norm))
+    # |f − exact| ≤ γ_D·Σ|q_i x_i| ≤ γ_D·‖q‖·‖x‖; the factor 2 covers the norms' own rounding
+    delta = (2.0 * _gamma(q64.shape[1])) * nq[:, None] * nx[None, :] + 2.0**-51 * np.abs(f)
+    out, sure = _round_if_certain(f, delta)
+    if not sure.all():  # f lies near a float32 rounding boundary: sum those products again
+        qi, xj = np.nonzero(~sure)
+        out[qi, xj] = _exact_round_f32(q64[qi] * x[xj].astype(np.float64))
+    return out
+
+
+def _compensated_sum(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row sums of p [a, n] float64 by a fixed pairwise tree with TwoSum at every node.
+
+    Returns (hi, lo, bound) [a]: the tree's plain sum, the sum of its exact rounding errors, and a
+    bound on |hi + lo − exact sum| (the errors are themselves summed in float64: γ·u·depth·Σ|p|).
+    """
+    n = p.shape[1]
+    width = 1 << max(0, (n - 1).bit_length())
+    s = np.pad(p, ((0, 0), (0, width - n)))  # zeros add exactly
+    e = np.zeros_like(s[:, :1])
+    depth = 0
+    while s.shape[1] > 1:
+        h = s.shape[1] // 2
+        a, b = s[:, :h], s[:, h:]
+        t = a + b
+        z = t - a
+        err = (a - (t - z)) + (b - z)  # Knuth's TwoSum: a + b = t + err exactly
+        e = err if depth == 0 else e[:, :h] + e[:, h:] + err
+        s, depth = t, depth + 1
+    bound = 2.0 * _gamma(2 * depth + 2) * _U64 * (depth + 1) * np.abs(p).sum(axis=1)
+    return s[:, 0], e[:, 0], bound
+
+
+def _exact_round_f32(p: np.ndarray) -> np.ndarray:
+    """[a] float32: each row's exact sum of the float64 terms p [a, n], rounded once to float32.
+
+    The compensated sum settles the rounding unless the sum sits within a few float64 ulps of a
+    float32 midpoint; those rows are summed exactly (`math.fsum`).
+    """
+    hi, lo, bound = _compensated_sum(p)
+    f = hi + lo
+    out, sure = _round_if_certain(f, 2.0 * bound + 2.0**-51 * np.abs(f))
+    for i in np.flatnonzero(~sure):
+        out[i] = _round_f32_exactly(p[i].tolist())
+    return out
+
+
+def _round_f32_exactly(terms: list[float]) -> float:
+    """The float32 nearest to the exact sum of float64 terms (ties to even)."""
+    s = math.fsum(terms)  # the exact sum rounded once to float64
+    c = np.float32(s)
+    if not math.isfinite(s) or float(c) == s:
+        return float(c)
+    other = np.nextafter(c, np.float32(math.inf if s > float(c) else -math.inf))
+    if s != (float(c) + float(other)) / 2:  # not on a float32 midpoint: s and the exact sum round alike
+        return float(c)
+    rest = math.fsum([*terms, -s])  # the exact sum − s, whose sign decides the side
+    if rest == 0.0:
+        return float(c)  # an exact tie, already rounded to even
+    return float(max(c, other) if rest > 0 else min(c, other))
+
+
+def _decoded(block: np.ndarray, stored: str) -> np.ndarray:
+    """Stored rows as float16 / float32 numpy (bf16 bit patterns widened exactly to float32: the
+    top half of the float32 word; shifted in place, which measured faster than `as_float32`)."""
+    if stored != "bfloat16":
+        return np.asarray(block)
+    wide = np.asarray(block, dtype=np.uint16).astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
+
+
+# --- the scan ---------------------------------------------------------------------------------------
+
+_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# Candidates kept per query and side during the scan, beyond k. Every row whose error band overlaps
+# the k-th best must be re-scored. For unit vectors at D ≈ 16k that band holds a few rows for fp16
+# and ~100 for bf16 (rounding 8× coarser), fewer for fp32; a query whose band overflows the list is
+# rescanned (`_scan_inline`), so the margin only trades list upkeep against rescans.
+_MARGIN = {"float16": 64, "bfloat16": 256, "float32": 32}
+
+
+def _chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    """[Q, C] float32 scores of the low-precision query against a stored chunk (stored dtype matmul).
+
+    X·qᵀ with the big chunk as the row-major source operand: oneDNN then repacks only the small
+    query panel per call (not the chunk), which measured a little faster than q·Xᵀ for bf16.
+    """
+    return torch.mm(xc, q_low.T).T.float()
+
+
+@dataclass
+class _Bounds:
+    """How far a chunk score can be from the exact dot product, per query (see the module doc)."""
+
+    q_low: torch.Tensor  # [Q, D] the query as the chunk matmul sees it (stored dtype)
+    base: torch.Tensor  # [Q] float64: ‖q − q_low‖ + acc·‖q‖; times ‖x‖ it bounds query rounding + accumulation
+    rel: float  # output rounding, relative to |s|
+    unit: bool  # the index promises unit rows (‖x‖ ≤ 1.01 after the stored rounding)
+
+    @classmethod
+    def of(cls, store: IndexStore, kind: str, q: np.ndarray) -> _Bounds:
+        stored = stored_dtype_of(store, kind)
+        q32 = torch.from_numpy(q)
+        q_low = q32.to(_TORCH_DTYPE[stored])
+        q64 = q32.double()
+        a_q = torch.linalg.vector_norm(q64 - q_low.double(), dim=1)  # Cauchy–Schwarz: |(q − q_low)·x| ≤ a_q·‖x‖
+        acc = _ACC_LAMBDA * math.sqrt(store.dim) * 2.0**-24 * torch.linalg.vector_norm(q64, dim=1)
+        unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
+        return cls(q_low, a_q + acc, _REL_OUT[stored], unit)
+
+    def norm_bound(self, xc: torch.Tensor) -> float:
+        """An upper bound of ‖x‖ over a chunk's rows."""
+        if self.unit:
+            return 1.01
+        return torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32).max().item() * 1.01
+
+    def interval(self, s: torch.Tensor, xn: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower, upper) float32 like s [Q, n]: float32 roundings of bounds on each exact score.
+
+        Canonical scores are roundings of exact scores and rounding is monotone, so a row's
+        canonical score lies in [lower, upper]; comparing these (not the unrounded bounds) never
+        loses a row that could round to a tie.
+        """
+        s64 = s.double()
+        mag = torch.nan_to_num(s64.abs(), posinf=0.0)  # −inf: list padding, far below any bound
+        err = (self.base.unsqueeze(1) * xn + self.rel * mag) * (1.0 + 2.0**-40)
+        return (s64 - err).float(), (s64 + err).float()
+
+
+def _approx_lists(
+    store: IndexStore, q: np.ndarray, shard_nos: list[int], bounds: _Bounds, m: int, *, kind: str,
+    chunk_rows: int | None, verify: bool,
+) -> tuple[list[_RunningTopK], float]:
+    """One pass of stored-dtype matmuls: approximate top-m lists of s and of −s, and a bound of ‖x‖."""
+    stored = stored_dtype_of(store, kind)
+    lists = [_RunningTopK(q.shape[0], m), _RunningTopK(q.shape[0], m)]
+    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, _ITEMSIZE[stored])
+    xn_max = 0.0
+    for shard_no in shard_nos:
+        start = int(store.shards[shard_no]["start"])
+        block = store.load_shard(kind, shard_no, verify=verify)
+        n = block.shape[0]
+        for lo in range(0, n, rows_per_chunk):
+            hi = min(n, lo + rows_per_chunk)
+            xc = _as_tensor(block[lo:hi], stored)
+            s = _chunk_scores(bounds.q_low, xc)
+            if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): fp32 scores, within the bound
+                s = torch.mm(torch.from_numpy(q), xc.float().T)
+            xn_max = max(xn_max, bounds.norm_bound(xc))
+            for lst, sc in ((lists[0], s), (lists[1], -s)):
+                _merge_above_threshold(lst, sc, start + lo)
+    return lists, xn_max
+
+
 def _scan(
     store: IndexStore,
     q: np.ndarray,
@@ -198,64 +409,40 @@ def _scan(
     verify: bool,
     stats: dict | None = None,
 ) -> tuple[_RunningTopK, _RunningTopK]:
-    """Stream the given shards; returns exact running top-k of s (proponents) and of −s (opponents).
+    """Stream the given shards; returns the top-k canonical scores of s (proponents) and of −s (opponents).
 
-    float32 shards: exact fp32 matmul per chunk. float16 / bfloat16: one pass of stored-dtype
-    matmuls keeping approximate top-(k + margin) lists only (no per-chunk exact work), then one
-    exact float32 re-score of the candidates whose error bound reaches the k-th best, and a
-    certificate per query that no row outside the lists can enter; queries without a certificate
-    are rescanned with inline exact re-scoring. The result equals a float32 brute force either way.
+    One pass of stored-dtype matmuls keeps approximate top-(k + margin) lists (no per-chunk exact
+    work); then the listed rows whose bound reaches the k-th best are scored canonically, and each
+    query gets a certificate that no unlisted row can enter or tie; queries without one are
+    rescanned with inline re-scoring. The result equals a stable sort of canonical scores either way.
     """
     stored = stored_dtype_of(store, kind)
     n_q = q.shape[0]
     if k == 0 or n_q == 0:
         return _RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")
-    if stored == "float32":
-        return _scan_inline(store, q, k, shard_nos, kind=kind, chunk_rows=chunk_rows, verify=verify)
-
-    q32 = torch.from_numpy(q)
-    tdt = torch.bfloat16 if stored == "bfloat16" else torch.float16
-    q_low = q32.to(tdt)
-    # ‖q − round(q)‖ bounds the query-rounding error of a dot with x by ‖x‖·a (Cauchy–Schwarz).
-    a_q = (q32 - q_low.float()).norm(dim=1) + 1e-6 * q32.norm(dim=1)  # + accumulation slack
-    rel = _REL_OUT[stored]
-    unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
-    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, 2)
     n_total = sum(int(store.shards[s]["rows"]) for s in shard_nos)
-    m = min(n_total, k + _MARGIN.get(stored, 64))
-    lists = [_RunningTopK(n_q, m), _RunningTopK(n_q, m)]  # approximate: s and −s
-    xn_max = 1.01 if unit else 0.0
+    bounds = _Bounds.of(store, kind, q)
+    m = min(n_total, k + _MARGIN[stored])
+    lists, xn = _approx_lists(store, q, shard_nos, bounds, m, kind=kind, chunk_rows=chunk_rows, verify=verify)
 
-    for shard_no in shard_nos:
-        start = int(store.shards[shard_no]["start"])
-        block = store.load_shard(kind, shard_no, verify=verify)
-        n = block.shape[0]
-        for lo in range(0, n, rows_per_chunk):
-            hi = min(n, lo + rows_per_chunk)
-            xc = _as_tensor(block[lo:hi], stored)
-            s = _chunk_scores(q_low, xc)
-            if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): exact scores here
-                s = torch.mm(q32, xc.float().T)  # exact values satisfy any error bound
-            if not unit:
-                xn_max = max(xn_max, torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32).max().item() * 1.01)
-            for lst, sc in ((lists[0], s), (lists[1], -s)):
-                _merge_above_threshold(lst, sc, start + lo)
-
-    base = (a_q * xn_max).unsqueeze(1)  # [Q, 1]
     sides, need = [], []
     for lst in lists:
         v, r = lst.vals, lst.rows  # approximate, descending
-        err = base + rel * v.abs()
-        lower, upper = v - err, v + err  # both monotone in v, so still descending
-        kth_lower = lower[:, k - 1 : k]  # ≤ the true k-th best (k rows are at least this good)
-        keep = (upper >= kth_lower) & (r >= 0)
-        # every row never kept (or dropped) had an approximate score ≤ the list's last one
-        full = r[:, -1] >= 0
-        outside = torch.where(full, upper[:, -1], torch.full_like(upper[:, -1], -float("inf")))
+        lower, upper = bounds.interval(v, xn)  # both monotone in v, so still descending
+        listed = r >= 0
+        if n_total <= k:  # every row is returned
+            keep = listed
+        else:  # k listed rows score ≥ lower[k−1]: a row whose upper bound rounds below it cannot enter or tie
+            keep = (upper >= lower[:, k - 1 : k]) & listed
+        # an unlisted row's approximate score is ≤ the list's last one; with every row listed, none is
+        if m == n_total:
+            outside = torch.full((n_q,), -float("inf"))
+        else:
+            outside = torch.where(listed[:, -1], upper[:, -1], torch.full_like(upper[:, -1], -float("inf")))
         sides.append((r, keep, outside))
         need.append(torch.where(keep, r, torch.full_like(r, -1)))
     pair_rows = torch.cat(need, dim=1).numpy()  # [Q, 2m], −1 = not needed
-    exact = _pair_scores(store, kind, stored, q, pair_rows, verify)  # [Q, 2m] (−inf where −1)
+    exact = _pair_scores(store, kind, stored, q, pair_rows, verify, xn)  # [Q, 2m] (−inf where −1)
     out = [_RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")]
     ok = torch.ones(n_q, dtype=torch.bool)
     for side, ((r, keep, outside), res) in enumerate(zip(sides, out)):
@@ -264,7 +451,8 @@ def _scan(
             ex = -ex
         ex = torch.where(keep, ex, torch.full_like(ex, -float("inf")))
         res.merge(ex, torch.where(keep, r, torch.full_like(r, -1)))
-        ok &= res.threshold() > outside  # certificate: nothing outside the lists can enter
+        # certificate: no unlisted row can reach the k-th canonical score, not even as a tie
+        ok &= (res.threshold() > outside) | torch.isneginf(outside)
     if stats is not None:
         stats["rescored_pairs"] = stats.get("rescored_pairs", 0) + int((pair_rows >= 0).sum())
         stats["rescored_rows"] = stats.get("rescored_rows", 0) + int(np.unique(pair_rows[pair_rows >= 0]).size)
@@ -278,42 +466,43 @@ def _scan(
     return out[0], out[1]
 
 
-def _decode_f32(block: np.ndarray, stored: str) -> torch.Tensor:
-    """float32 tensor of a (gathered, in-memory) stored block; exact (bf16 → fp32 is a shift)."""
-    t = _as_tensor(np.ascontiguousarray(block), stored)
-    return t if t.dtype == torch.float32 else t.float()
+def _gather_rows(store: IndexStore, kind: str, stored: str, rows: np.ndarray, blocks: dict, verify: bool) -> np.ndarray:
+    """[n, D] stored rows (sorted global row numbers), gathered from the mmaps and `_decoded`."""
+    starts = np.array([int(s["start"]) for s in store.shards], dtype=np.int64)
+    shard_of = np.searchsorted(starts, rows, side="right") - 1
+    parts = []
+    for shard_no in np.unique(shard_of):
+        s = int(shard_no)
+        if s not in blocks:
+            blocks[s] = store.load_shard(kind, s, verify=verify)
+        parts.append(blocks[s][rows[shard_of == shard_no] - starts[shard_no]])
+    return _decoded(np.concatenate(parts) if len(parts) > 1 else parts[0], stored)
 
 
 def _pair_scores(store: IndexStore, kind: str, stored: str, q: np.ndarray, rows: np.ndarray, verify: bool,
-                 batch_rows: int | None = None) -> np.ndarray:
-    """Exact float32 q[i]·x[rows[i, j]] for the listed pairs ([Q, r]; −1 entries give −inf).
+                 x_norm: float | None = None) -> np.ndarray:
+    """Canonical scores of q[i] against global rows[i, j] ([Q, r]; −1 entries give −inf).
 
-    The union of the rows is gathered once (sorted, per shard), decoded to float32 in batches and
-    scored against all queries with one fp32 matmul per batch (cheaper than per-pair products,
-    which would copy each row once per query); only the asked-for pairs are kept.
+    Per query, its rows are gathered once (sorted) from the mmaps: only the asked-for products are
+    computed. x_norm: a bound on the rows' norms, if the caller has one (`canonical_scores`).
     """
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     valid = rows >= 0
-    uniq = np.unique(rows[valid])
-    if uniq.size == 0:
-        return out
-    batch_rows = batch_rows or max(16, min(1024, (16 << 20) // (4 * store.dim)))
-    starts = np.array([int(s["start"]) for s in store.shards], dtype=np.int64)
-    shard_of = np.searchsorted(starts, uniq, side="right") - 1
-    scores = torch.empty((q.shape[0], uniq.size), dtype=torch.float32)
-    q32 = torch.from_numpy(q)
-    col = 0
-    for shard_no in np.unique(shard_of):
-        local = uniq[shard_of == shard_no] - starts[shard_no]
-        block = store.load_shard(kind, int(shard_no), verify=verify)
-        for lo in range(0, local.size, batch_rows):
-            sel = local[lo : lo + batch_rows]
-            x = _decode_f32(block[sel], stored)
-            torch.mm(q32, x.T, out=scores[:, col : col + sel.size])
-            col += sel.size
-    idx = np.searchsorted(uniq, np.where(valid, rows, uniq[0]))
-    got = np.take_along_axis(scores.numpy(), idx, axis=1)
-    out[valid] = got[valid]
+    blocks: dict[int, np.ndarray] = {}
+    for i in np.flatnonzero(valid.any(axis=1)):
+        asked = rows[i, valid[i]]
+        want = np.unique(asked)
+        sc = canonical_scores(q[i : i + 1], _gather_rows(store, kind, stored, want, blocks, verify), x_norm)[0]
+        out[i, valid[i]] = sc[np.searchsorted(want, asked)]
+    return out
+
+
+def _masked_canonical(q: np.ndarray, x: np.ndarray, mask: torch.Tensor, x_norm: float) -> torch.Tensor:
+    """[Q, c] canonical scores of q [Q, D] against decoded rows x [c, D] where mask [Q, c], −inf elsewhere."""
+    out = torch.full(mask.shape, -float("inf"))
+    for i in torch.nonzero(mask.any(dim=1)).flatten().tolist():
+        cols = torch.nonzero(mask[i]).squeeze(1)
+        out[i, cols] = torch.from_numpy(canonical_scores(q[i : i + 1], x[cols.numpy()], x_norm)[0])
     return out
 
 
@@ -327,70 +516,49 @@ def _scan_inline(
     chunk_rows: int | None,
     verify: bool,
 ) -> tuple[_RunningTopK, _RunningTopK]:
-    """Exact scan with re-scoring inline: float32 shards directly; fp16/bf16 chunks by an approximate
-    matmul, then every row whose error bound reaches the running k-th best is re-scored in float32
-    while still in cache. Slower than `_scan`'s deferred re-score, but needs no certificate."""
+    """Exact scan with re-scoring inline: each chunk's approximate scores, then canonical scores for
+    every row whose bound reaches both the chunk's k-th lower bound and the running k-th canonical
+    score, while the chunk is in cache. Slower than `_scan`'s deferred re-score, but needs no
+    certificate."""
     stored = stored_dtype_of(store, kind)
     n_q = q.shape[0]
     props, opps = _RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")
     if k == 0 or n_q == 0:
         return props, opps
     q32 = torch.from_numpy(q)
-    exact_path = stored == "float32"
-    if not exact_path:
-        tdt = torch.bfloat16 if stored == "bfloat16" else torch.float16
-        q_low = q32.to(tdt)
-        a_q = (q32 - q_low.float()).norm(dim=1) + 1e-6 * q32.norm(dim=1)
-        rel = _REL_OUT[stored]
-        unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
-    itemsize = 4 if exact_path else 2
-    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, itemsize)
+    bounds = _Bounds.of(store, kind, q)
+    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, _ITEMSIZE[stored])
+    neg_inf = torch.tensor(-float("inf"))
 
     for shard_no in shard_nos:
-        info = store.shards[shard_no]
-        start = int(info["start"])
+        start = int(store.shards[shard_no]["start"])
         block = store.load_shard(kind, shard_no, verify=verify)
         n = block.shape[0]
         for lo in range(0, n, rows_per_chunk):
             hi = min(n, lo + rows_per_chunk)
             xc = _as_tensor(block[lo:hi], stored)
+            s = _chunk_scores(bounds.q_low, xc)  # [Q, C] approximate
+            if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): fp32 scores, within the bound
+                s = torch.mm(q32, xc.float().T)
+            xn = bounds.norm_bound(xc)
+            lower, upper = bounds.interval(s, xn)
             kk = min(k, hi - lo)
-            if exact_path:
-                s = torch.mm(q32, xc.T)  # [Q, C] exact
-                v, i = torch.topk(s, kk, dim=1)
-                props.merge(v, i + start + lo)
-                v, i = torch.topk(-s, kk, dim=1)
-                opps.merge(v, i + start + lo)
+            # proponents (s) and opponents (−s, whose bounds are −upper, −lower): a row can enter a
+            # list, or tie its k-th, only if its upper bound reaches both bars
+            bar_p = torch.maximum(torch.topk(lower, kk, dim=1).values[:, -1], props.threshold())
+            keep_p = upper >= bar_p.unsqueeze(1)
+            bar_o = torch.maximum(torch.topk(-upper, kk, dim=1).values[:, -1], opps.threshold())
+            keep_o = -lower >= bar_o.unsqueeze(1)
+            cols = torch.nonzero((keep_p | keep_o).any(dim=0)).squeeze(1)
+            if cols.numel() == 0:
                 continue
-            s = _chunk_scores(q_low, xc)  # [Q, C] approximate
-            if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): exact for this chunk
-                s = None
-            if unit:
-                xn = 1.01
-            else:
-                xn = torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32).max().item() * 1.01
-            if s is None:
-                cand = torch.arange(hi - lo)
-            else:
-                base = (a_q * xn).unsqueeze(1)  # [Q, 1]
-                err = base + rel * s.abs()  # [Q, C] bound on |s − exact|
-                # proponents: lower bound of the chunk's k-th best, and the running threshold
-                sk, ik = torch.topk(s, kk, dim=1)
-                kth_low = sk[:, -1] - torch.gather(err, 1, ik[:, -1:]).squeeze(1)
-                bar = torch.maximum(kth_low, props.threshold())
-                keep = (s + err) >= bar.unsqueeze(1)
-                # opponents: same on −s
-                nk, ink = torch.topk(-s, kk, dim=1)
-                kth_low_n = nk[:, -1] - torch.gather(err, 1, ink[:, -1:]).squeeze(1)
-                bar_n = torch.maximum(kth_low_n, opps.threshold())
-                keep |= (-s + err) >= bar_n.unsqueeze(1)
-                cand = torch.nonzero(keep.any(dim=0)).squeeze(1)
-            if cand.numel() == 0:
-                continue
-            exact = torch.mm(q32, xc.index_select(0, cand).float().T)  # [Q, c] exact fp32
-            rows = cand + (start + lo)
-            props.merge(exact, rows)
-            opps.merge(-exact, rows)
+            keep_p, keep_o = keep_p[:, cols], keep_o[:, cols]
+            x = _decoded(block[lo:hi][cols.numpy()], stored)
+            ex = _masked_canonical(q, x, keep_p | keep_o, xn)  # [Q, c]
+            rows = (cols + (start + lo)).unsqueeze(0).expand(n_q, -1)
+            none = torch.full_like(rows, -1)
+            props.merge(torch.where(keep_p, ex, neg_inf), torch.where(keep_p, rows, none))
+            opps.merge(torch.where(keep_o, -ex, neg_inf), torch.where(keep_o, rows, none))
     return props, opps
 
 
@@ -474,14 +642,20 @@ def topk_distributed(
     return _finish(merged[0], merged[1], k_out)
 
 
+
 def brute_force(store: IndexStore, queries: np.ndarray, *, kind: str = "vectors", verify: bool = True) -> np.ndarray:
-    """All scores [Q, n_rows], float32, from a full float32 decode of every shard (tests, small indexes)."""
+    """All canonical scores [Q, n_rows] float32 (tests, small indexes).
+
+    Every row's exact dot product with each query rounded once to float32: the scores every search
+    path returns, so a stable sort of a row of this array is the order `topk` must give.
+    """
     q = _check_queries(store, queries)
     stored = stored_dtype_of(store, kind)
     out = np.empty((q.shape[0], store.n_rows), dtype=np.float32)
     for start, block in store.iter_shards(kind, verify=verify):
-        x = as_float32(np.asarray(block), stored)
-        out[:, start : start + x.shape[0]] = (q.astype(np.float64) @ x.astype(np.float64).T).astype(np.float32)
+        for lo in range(0, block.shape[0], 4096):
+            x = _decoded(block[lo : lo + 4096], stored)
+            out[:, start + lo : start + lo + x.shape[0]] = canonical_scores(q, x)
     return out
 
 
@@ -492,40 +666,17 @@ def exact_scores(
     *,
     kind: str = "vectors",
     verify: bool = True,
-    batch_rows: int = 1024,
 ) -> np.ndarray:
-    """Exact float32 scores [Q, r] of query i against global rows[i, :] (−1 entries give −inf).
+    """Canonical scores [Q, r] float32 of query i against global rows[i, :] (−1 entries give −inf).
 
-    Gathers the union of the requested rows shard by shard, decodes them, and scores them in
-    batches, so memory stays bounded by `batch_rows` × D.
+    Each query's rows are gathered from the shards and scored in cache-sized batches, so memory
+    stays bounded by the rows one query asks for.
     """
     _require_kind(store, kind)
     q = _check_queries(store, queries)
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim != 2 or rows.shape[0] != q.shape[0]:
         raise ValueError(f"rows must be [Q, r] with Q = {q.shape[0]}, got {rows.shape}")
-    stored = stored_dtype_of(store, kind)
-    out = np.full(rows.shape, -np.inf, dtype=np.float32)
-    valid = rows >= 0
-    uniq = np.unique(rows[valid])
-    if uniq.size == 0:
-        return out
-    starts = np.array([int(s["start"]) for s in store.shards], dtype=np.int64)
-    shard_of = np.searchsorted(starts, uniq, side="right") - 1
-    scores = np.empty((q.shape[0], uniq.size), dtype=np.float32)
-    q32 = torch.from_numpy(q)
-    col = 0
-    for shard_no in np.unique(shard_of):
-        want = uniq[shard_of == shard_no]
-        block = store.load_shard(kind, int(shard_no), verify=verify)
-        local = want - starts[shard_no]
-        for lo in range(0, local.size, batch_rows):
-            sel = local[lo : lo + batch_rows]
-            x = as_float32(np.asarray(block[sel]), stored)
-            s = torch.mm(q32, torch.from_numpy(np.ascontiguousarray(x)).T).numpy()
-            scores[:, col : col + sel.size] = s
-            col += sel.size
-    idx = np.searchsorted(uniq, np.where(valid, rows, uniq[0]))
-    gathered = np.take_along_axis(scores, idx, axis=1)
-    out[valid] = gathered[valid]
-    return out
+    if (rows >= store.n_rows).any():
+        raise ValueError(f"rows must be < {store.n_rows} (the index's rows), got {int(rows.max())}")
+    return _pair_scores(store, kind, stored_dtype_of(store, kind), q, rows, verify)
