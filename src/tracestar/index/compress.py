@@ -189,14 +189,18 @@ _HAS_INT_MM = True  # cleared the first time torch._int_mm turns out to be missi
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """float32 [m, n] = a [m, k] · b [k, n] for int8 operands: torch's int8 gemm (VNNI on x86),
-    or, where this torch build has none for the device, a float32 matmul of the same integers."""
+    or, where this torch build has none for the device, a float64 matmul of the same integers.
+
+    Both are exact integer sums (|sum| < 2^31, far below float64's 2^53; a float32 matmul would
+    round sums above 2^24 in an order that depends on the kernel's tiling), so duplicate rows get
+    identical approximate scores and tie, in either path, before the same single rounding."""
     global _HAS_INT_MM
     if _HAS_INT_MM:
         try:
             return torch._int_mm(a, b).float()
         except (RuntimeError, NotImplementedError, AttributeError):
             _HAS_INT_MM = False
-    return a.float() @ b.float()
+    return (a.double() @ b.double()).float()
 
 
 def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: torch.Tensor, q_scales: torch.Tensor,
@@ -204,7 +208,10 @@ def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: tor
     """[Q, C] approximate scores of a chunk: Σ_groups scale_g · (codes_g · (a c₁ + b c₂)_g).
 
     codes [C, D] int8, scales [C, G], q_codes_t [D, 2Q] int8, q_scales [2Q]. Each group's
-    integer matmul is exact; the int32 → float32 conversion and the scaling round once.
+    integer matmul is exact; the int32 → float32 conversion and the scaling round once. Only
+    single-operation elementwise kernels follow (no fused multiply-add, whose vector body and
+    scalar tail may round differently), so a row's score does not depend on where it sits in the
+    chunk: duplicate documents tie exactly.
     """
     n_q = q_scales.shape[0] // 2
     out = torch.zeros(codes.shape[0], n_q)
@@ -214,7 +221,7 @@ def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: tor
             hi = min(o + n, lo + _INT32_SAFE_COLUMNS)
             dots += _int8_matmul(codes[:, lo:hi], q_codes_t[lo:hi])
         dots *= q_scales
-        out.addcmul_(dots[:, :n_q] + dots[:, n_q:], scales[:, g : g + 1])
+        out += (dots[:, :n_q] + dots[:, n_q:]) * scales[:, g : g + 1]
     return out.T
 
 
