@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +71,16 @@ def test_topk_equals_brute_force(tmp_path, data, dtype):
     x, q = data
     store = make_index(tmp_path / "idx", x, dtype, shard_docs=200)
     bf = brute_force(store, q)
+    decoded = st.as_float32(st.encode_dtype(x, dtype), dtype).astype(np.float64)
+    np.testing.assert_allclose(bf, q.astype(np.float64) @ decoded.T, rtol=1e-6, atol=1e-9)  # exact dot products
     order = np.argsort(-bf, axis=1, kind="stable")
     for chunk in (None, 7, 64, 1000):
         r = topk(store, q, 10, chunk_rows=chunk)
         assert r.prop_rows.dtype == np.int64 and r.prop_scores.dtype == np.float32
         np.testing.assert_array_equal(r.prop_rows, order[:, :10])
-        np.testing.assert_allclose(r.prop_scores, np.take_along_axis(bf, order[:, :10], 1), atol=1e-5)
+        np.testing.assert_array_equal(r.prop_scores, np.take_along_axis(bf, order[:, :10], 1))  # the same bits
         np.testing.assert_array_equal(r.opp_rows, order[:, ::-1][:, :10])
-        np.testing.assert_allclose(r.opp_scores, np.take_along_axis(bf, order[:, ::-1][:, :10], 1), atol=1e-5)
+        np.testing.assert_array_equal(r.opp_scores, np.take_along_axis(bf, order[:, ::-1][:, :10], 1))
         assert (np.diff(r.prop_scores, axis=1) <= 0).all() and (np.diff(r.opp_scores, axis=1) >= 0).all()
 
 
@@ -115,11 +118,13 @@ def test_corrupted_shard_raises(tmp_path, data):
 def test_exact_scores_gathers_rows(tmp_path, data):
     x, q = data
     store = make_index(tmp_path / "idx", x, "float16", shard_docs=200)
-    rows = np.array([[0, 749, 5, -1]] * len(q))
+    rows = np.array([[0, 749, 5, -1, 0]] * len(q))
     s = exact_scores(store, q, rows)
     bf = brute_force(store, q)
-    np.testing.assert_allclose(s[:, :3], bf[:, [0, 749, 5]], atol=1e-5)
+    np.testing.assert_array_equal(s[:, [0, 1, 2, 4]], bf[:, [0, 749, 5, 0]])  # canonical: the same bits
     assert np.isneginf(s[:, 3]).all()
+    with pytest.raises(ValueError, match="< 750"):
+        exact_scores(store, q, np.array([[750]] * len(q)))
 
 
 def test_int8_round_trip():
@@ -158,14 +163,18 @@ def test_int8_scores_match_float_math():
     got = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
     want = q_back.numpy() @ dequantize_int8(codes, scales, groups).astype(np.float64).T
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
-    import tracestar.index.compress as comp  # a torch build without an int8 gemm: same numbers
+    import tracestar.index.compress as comp  # a torch build without an int8 gemm: the same bits
 
     saved, comp._HAS_INT_MM = comp._HAS_INT_MM, False
     try:
         fallback = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
     finally:
         comp._HAS_INT_MM = saved
-    torch.testing.assert_close(fallback, got, rtol=1e-6, atol=1e-7)
+    assert torch.equal(fallback, got)
+    # a row's score does not depend on where it sits in the chunk (duplicates tie exactly)
+    perm = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
+    moved = _int8_chunk_scores(torch.from_numpy(codes)[perm], torch.from_numpy(scales)[perm], q_codes.T, q_scales, groups)
+    assert torch.equal(moved, got[:, perm])
 
 
 def test_int8_compress_search_and_rerank(tmp_path):
@@ -374,3 +383,161 @@ def test_non_unit_vectors_and_fp16_overflow(tmp_path, data, dtype):
     store = IndexStore(store.path)
     for chunk in (None, 64):  # scores up to ~1e5: fp32 agreement is relative there
         _assert_matches_brute_force(store, q * 2000.0, 10, chunk_rows=chunk)
+
+
+# --- canonical scores: duplicates tie wherever they sit, on any BLAS ------------------------------
+
+
+def _f32_nearest(v: Fraction) -> np.float32:
+    """The float32 nearest to an exact rational (ties to even), by comparing the neighbours exactly."""
+    c = np.float32(float(v))
+    near = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
+    return min(near, key=lambda z: (abs(Fraction(float(z)) - v), int(np.array(z).view(np.uint32)) & 1))
+
+
+def _exact_oracle(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[Q, n] float32 roundings of the exact rational dot products (slow; small inputs)."""
+    return np.array([[_f32_nearest(sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(qi, xj)))
+                      for xj in x] for qi in q], dtype=np.float32)
+
+
+def _midpoint_rows(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and float32 rows whose exact dot products sit on, or 2^-60 beside, a float32 midpoint:
+    the float64 dot product then lands on the midpoint and its float32 rounding is a coin toss."""
+    q = np.zeros((2, d), np.float32)
+    q[0, :3], q[1, :3] = [1, 1, 1], [1, 1, 3]
+    x = np.zeros((5, d), np.float32)
+    x[0, :2] = [1, 2**-24]  # 1 + 2^-24: exactly between 1 and 1 + 2^-23 → 1 (even)
+    x[1, :3] = [1, 2**-24, 2**-60]  # just above → 1 + 2^-23
+    x[2, :3] = [1, 2**-24, -(2**-60)]  # just below → 1
+    x[3, :2] = [1 + 2**-23, 2**-24]  # between 1 + 2^-23 and 1 + 2^-22 → 1 + 2^-22 (even)
+    x[4, :3] = [1, 2**-24, 2**-62]
+    return q, x
+
+
+def _noisy_dots(srch, orig):
+    """`_f64_dots` with position-dependent noise as large as its error bound allows (γ_D·‖q‖·‖x‖):
+    what a BLAS whose rounding depends on a row's place in a kernel tile may legally return."""
+
+    def dots(q64: np.ndarray, x: np.ndarray) -> np.ndarray:
+        f = orig(q64, x)
+        bound = srch._gamma(q64.shape[1]) * np.outer(np.linalg.norm(q64, axis=1), np.linalg.norm(x.astype(np.float64), axis=1))
+        wobble = (np.arange(f.shape[1]) % 5 - 2) / 2.0  # −1 … 1 by the row's offset
+        return f + bound * wobble
+
+    return dots
+
+
+def test_canonical_scores_round_the_exact_dot_product_once(monkeypatch):
+    from tracestar.index import search as srch
+
+    q_mid, x_mid = _midpoint_rows(64)
+    rng = np.random.default_rng(3)
+    q = np.concatenate([q_mid, rng.standard_normal((2, 64)).astype(np.float32)])
+    x = np.concatenate([x_mid, rng.standard_normal((40, 64)).astype(np.float32)])
+    want = _exact_oracle(q, x)
+    assert want[0, 0] == 1 and want[0, 1] == np.float32(1 + 2**-23) and want[0, 3] == np.float32(1 + 2**-22)
+    np.testing.assert_array_equal(srch.canonical_scores(q, x), want)
+    naive = (q.astype(np.float64) @ x.astype(np.float64).T).astype(np.float32)
+    assert (naive != want).any()  # a float64 dot product rounded to float32 is not enough
+    # the same bits in any order and under BLAS noise up to the error bound (the noise alone flips
+    # the float32 rounding of the midpoint rows, which the exact re-sum then settles)
+    monkeypatch.setattr(srch, "_f64_dots", _noisy_dots(srch, srch._f64_dots))
+    noisy = (srch._f64_dots(q.astype(np.float64), x[::-1].copy())).astype(np.float32)[:, ::-1]
+    assert (noisy[:2, :5] != want[:2, :5]).any()
+    for perm in (np.arange(len(x)), np.arange(len(x))[::-1], np.roll(np.arange(len(x)), 3)):
+        np.testing.assert_array_equal(srch.canonical_scores(q, x[perm]), want[:, perm])
+        np.testing.assert_array_equal(srch.canonical_scores(q, x[perm], x_norm=float(np.linalg.norm(x, axis=1).max())),
+                                      want[:, perm])
+    # float16 rows (widened exactly) and one query at a time (the scan's re-score path)
+    x16 = rng.standard_normal((30, 64)).astype(np.float16)
+    np.testing.assert_array_equal(srch.canonical_scores(q[2:3], x16), _exact_oracle(q[2:3], x16.astype(np.float32)))
+
+
+def twins_layout(n: int, n_q: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows with exact copies at every offset mod 64, so at every place in a kernel tile; and,
+    per query, a copy of its k-th proponent and of its k-th opponent elsewhere (before or after
+    it, at another offset): each such pair straddles the top-k boundary, where only the tie rule
+    decides which copy is returned."""
+    rng = np.random.default_rng(seed)
+    x = unit(rng.standard_normal((n, D)))
+    q = unit(rng.standard_normal((n_q, D)))
+    for r in range(64):
+        dst = r + 64 * int(rng.integers(1, n // 64))
+        x[dst] = x[(dst + int(rng.integers(1, 64))) % n]
+    ranks = np.argsort(-(q.astype(np.float64) @ x.astype(np.float64).T), axis=1, kind="stable")
+    busy = set(ranks[:, : 3 * k].ravel().tolist()) | set(ranks[:, -3 * k :].ravel().tolist())
+    free = [i for i in range(n) if i not in busy]
+    for i in range(n_q):
+        for j, a in enumerate((ranks[i, k - 1], ranks[i, -k])):
+            side = [f for f in free if (f < a) == ((i + j) % 2 == 0) and (f - a) % 64]  # before / after, another offset
+            dst = side[int(rng.integers(0, len(side)))]
+            free.remove(dst)
+            x[dst] = x[a]
+    return x, q
+
+
+def _split_twins(bf: np.ndarray, k: int) -> int:
+    """How many (query, side) lists have the k-th score shared with a row just outside the top k."""
+    s = np.sort(bf, axis=1)
+    return int((s[:, -k] == s[:, -k - 1]).sum() + (s[:, k - 1] == s[:, k]).sum())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_duplicates_tie_like_a_stable_sort_wherever_they_sit(tmp_path, monkeypatch, dtype):
+    """Copies at every offset within chunks (odd and power-of-two chunk sizes) and shards (odd
+    size, so shard starts move the offsets too), straddling the top-k boundary of every query."""
+    from tracestar.index import search as srch
+
+    k = 8
+    x, q = twins_layout(1100, 6, k, seed=11)
+    store = make_index(tmp_path / "idx", x, dtype, shard_docs=333)
+    assert _split_twins(brute_force(store, q), k) >= 8  # the boundary cuts through ties
+    for chunk in (None, 37, 64, 200):
+        _assert_matches_brute_force(store, q, k, chunk_rows=chunk)
+    monkeypatch.setitem(srch._MARGIN, dtype, 0)  # lists of exactly k: the inline rescan decides
+    stats: dict = {}
+    srch._scan(store, q, k, list(range(len(store.shards))), kind="vectors", chunk_rows=37, verify=True, stats=stats)
+    assert stats["rescanned_queries"] > 0
+    for chunk in (37, 64):
+        _assert_matches_brute_force(store, q, k, chunk_rows=chunk)
+
+
+def test_position_dependent_blas_noise_changes_nothing(tmp_path, monkeypatch):
+    """Simulates a CPU whose kernels round by a row's place in a tile: chunk scores move by a few
+    float32 ulps and float64 dot products by up to their error bound, both by the row's offset.
+    Every result keeps its bits, duplicates still tie like a stable sort, and so do the int8 and
+    PQ re-ranks."""
+    from tracestar.index import search as srch
+
+    k = 8
+    x, q = twins_layout(900, 5, k, seed=4)
+    stores = {dt: make_index(tmp_path / dt, x, dt, shard_docs=301) for dt in ("float16", "bfloat16", "float32")}
+    clean = {dt: brute_force(s, q) for dt, s in stores.items()}
+    q_mid, x_mid = _midpoint_rows(D)  # and copies of rows whose float32 rounding is a coin toss
+    mid = make_index(tmp_path / "mid", np.concatenate([x_mid, x[:61], x_mid, x[61:120], x_mid[::-1]]), "float32")
+    mid_clean = brute_force(mid, q_mid)
+    chunk_scores, f64_dots = srch._chunk_scores, srch._f64_dots
+
+    def noisy_chunk(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        s = chunk_scores(q_low, xc)
+        return s + s.abs() * ((torch.arange(s.shape[1]) % 7 - 3) * 2.0**-22)
+
+    monkeypatch.setattr(srch, "_chunk_scores", noisy_chunk)
+    monkeypatch.setattr(srch, "_f64_dots", _noisy_dots(srch, f64_dots))
+    for dt, store in stores.items():
+        np.testing.assert_array_equal(brute_force(store, q), clean[dt])
+        for chunk in (None, 37, 64):
+            _assert_matches_brute_force(store, q, k, chunk_rows=chunk)
+    np.testing.assert_array_equal(brute_force(mid, q_mid), mid_clean)
+    _assert_matches_brute_force(mid, q_mid, 6, chunk_rows=16)
+    assert _split_twins(mid_clean, 6) > 0
+    store = stores["float16"]
+    ex = topk(store, q, k)
+    compress(store.path, "int8")
+    compress(store.path, "pq", m=16, niter=2)
+    for form in ("int8", "pq"):  # every row a candidate: the re-rank alone orders the twins
+        r = search_compressed(IndexStore(store.path), q, k, rerank=len(x), form=form)
+        np.testing.assert_array_equal(r.prop_rows, ex.prop_rows)
+        np.testing.assert_array_equal(r.opp_rows, ex.opp_rows)
+        np.testing.assert_array_equal(r.prop_scores, ex.prop_scores)
