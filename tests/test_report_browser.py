@@ -90,7 +90,7 @@ def _png(width: int = 2, height: int = 2) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
-ACCURACY_WARNING = "first-token accuracy 39.8% is below 60%: <b>do not</b> expect the paper's findings"
+ACCURACY_WARNING = "the model's first-token accuracy (39.8%) is below 60%: <b>do not</b> expect the paper's findings"
 
 
 def _metrics(with_model: bool = True) -> dict:
@@ -108,7 +108,8 @@ def _metrics(with_model: bool = True) -> dict:
                       "timings": {"query_s": 1.5, "total_s": 9.0}},
     }
     if with_model:
-        metrics["model"] = {"first_token_accuracy": 0.398, "accuracy_warning": ACCURACY_WARNING}
+        metrics["model"] = {"first_token_accuracy": 0.398, "accuracy_warning": ACCURACY_WARNING, "accuracy_threshold": 0.6,
+                            "n_queries": 10}
     return metrics
 
 
@@ -202,7 +203,7 @@ def test_eval_section_is_rendered_from_metrics_json(report):
     assert "onload=alert" not in page
     assert "**" not in section and "`" not in section and "![" not in section  # report.md is not parsed
     assert "<li>model: <code>runs/model</code></li>" in section
-    assert "<th>method</th>" in section and "<td>TrackStar</td>" in section and "<td>BM25</td>" in section
+    assert "<th>method</th>" in section and "<td>trackstar</td>" in section and "<td>BM25</td>" in section
     assert '<td class="num">0.290</td>' in section and '<td class="num">0.410</td>' in section
     assert '<td class="num">0.0123</td>' in section and '<td class="num">4.00e-05</td>' in section  # tail-patch
     assert "<th>bucket</th>" in section and "<td>1-10</td>" in section and "<td>10+</td>" in section
@@ -210,7 +211,9 @@ def test_eval_section_is_rendered_from_metrics_json(report):
     assert "Timings (s): query_s 1.5, total_s 9.0" in section
     assert "trackstar.mrr" in section  # the raw metrics, collapsed
     # the model's accuracy and its warning: in the section and at the top of the page
-    assert page.count("first-token accuracy <strong>39.8%</strong>") == 2
+    assert page.count("first-token accuracy <strong>39.8%</strong> on 10 queries.") == 2
+    assert "“fact-stating documents” = up to k" in section  # eval's labels
+    assert "<td>model</td>" not in section  # "model" is not a method
     assert page.count('<p class="warn" role="note">') == 2
 
 
@@ -220,7 +223,13 @@ def test_eval_section_without_accuracy_says_so(tmp_path):
     (d / "metrics.json").write_text(json.dumps(_metrics(with_model=False)), encoding="utf-8")
     page = render_report(_results(), _docs(), tmp_path / "r.html", eval_dir=d).read_text(encoding="utf-8")
     assert "first-token accuracy not recorded in metrics.json" in page and 'class="warn"' not in page
-    assert "<td>TrackStar</td>" in page
+    assert "<td>trackstar</td>" in page
+    unknown = _metrics(with_model=False)
+    unknown["model"] = {"first_token_accuracy": None, "accuracy_warning": "the accuracy is unknown", "n_queries": 3}
+    (d / "metrics.json").write_text(json.dumps(unknown), encoding="utf-8")
+    page = render_report(_results(), _docs(), tmp_path / "r.html", eval_dir=d).read_text(encoding="utf-8")
+    assert "first-token accuracy <strong>unknown</strong> on 3 queries." in page
+    assert "<strong>Warning:</strong> The accuracy is unknown.</p>" in page
 
 
 def test_bm25_column_from_results_field(tmp_path):
@@ -438,12 +447,13 @@ def test_browser_evaluation_section(page):
     assert img.evaluate("e => e.complete && e.naturalWidth") == 2  # the PNG decoded (2 × 2)
     text = sec.inner_text()
     assert "**" not in text and "`" not in text and "![" not in text
-    assert "first-token accuracy 39.8%" in text
+    assert "first-token accuracy 39.8% on 10 queries" in text
     warn = sec.locator(".warn")
-    assert warn.is_visible() and warn.inner_text() == ACCURACY_WARNING  # escaped: the markup shows as text
+    # escaped: the markup shows as text
+    assert warn.is_visible() and warn.inner_text() == "Warning: The" + ACCURACY_WARNING[3:] + "."
     # also at the top of the page, before the queries
     top = page.locator("main > .top-eval")
     assert "first-token accuracy 39.8%" in top.inner_text() and top.locator(".warn").is_visible()
     rows = sec.locator("table.md").first.locator("tr")
     assert rows.first.locator("th").all_inner_texts()[:3] == ["method", "MRR", "R@1"]
-    assert rows.nth(1).locator("td").first.inner_text() == "TrackStar"
+    assert rows.nth(1).locator("td").first.inner_text() == "trackstar"

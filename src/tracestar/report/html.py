@@ -1,7 +1,8 @@
 """One self-contained HTML file showing, per query, the proponents and opponents TrackStar found.
 
-`render_report` works on plain dicts and needs nothing but the standard library; `build_report`
-loads an index's corpus and (optionally) per-token explanations and then calls it.
+`render_report` works on plain dicts and needs no model or index (an eval directory's section
+takes its method labels from `tracestar.evaluate.run`, so the page and the printed table agree);
+`build_report` loads an index's corpus and (optionally) per-token explanations and then calls it.
 
 Everything that comes from the corpus or the queries is untrusted. It is HTML-escaped before it
 enters the page, and no data is embedded as inline JSON or script: the page is rendered on the
@@ -226,11 +227,11 @@ def _sidebar_item(idx: int, res: Mapping[str, Any]) -> str:
 # Rendered from metrics.json (what `tracestar eval` measured), not from report.md: the HTML is
 # built element by element, so lists, code and images are real elements and every value is escaped.
 
-_METHOD_NAMES = {"trackstar": "TrackStar", "bm25": "BM25", "relevant": "fact-stating documents"}
-
-
 def _method_name(method: str) -> str:
-    return _METHOD_NAMES.get(method, method)
+    """The label the printed table uses too ("BM25", "fact-stating documents", ...)."""
+    from tracestar.evaluate.run import method_label
+
+    return method_label(method)
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -264,8 +265,10 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int
 
 
 def _methods(metrics: Mapping[str, Any]) -> list[str]:
-    """Method entries of metrics.json: dict values whose key is not `_settings`-like or `model`."""
-    return [m for m, v in metrics.items() if not m.startswith("_") and m != "model" and isinstance(v, dict)]
+    """Method entries of metrics.json (as `tracestar eval` counts them), those that hold a dict."""
+    from tracestar.evaluate.run import methods_of
+
+    return [m for m in methods_of(metrics) if isinstance(metrics[m], dict)]
 
 
 def _ks(metrics: Mapping[str, Any], methods: Sequence[str]) -> list[int]:
@@ -280,17 +283,21 @@ def _ks(metrics: Mapping[str, Any], methods: Sequence[str]) -> list[int]:
 
 
 def model_accuracy_note(metrics: Mapping[str, Any]) -> str:
-    """The model's first-token accuracy (and its warning) as a paragraph; says so when not recorded."""
-    model = metrics.get("model") if isinstance(metrics.get("model"), dict) else {}
+    """The model's first-token accuracy (and the warning eval attached to it) as HTML; says so
+    when metrics.json does not record it."""
+    model = metrics.get("model")
+    if not isinstance(model, dict) or "first_token_accuracy" not in model:
+        return '<p class="accuracy">Model: first-token accuracy not recorded in metrics.json.</p>'
     acc = model.get("first_token_accuracy")
-    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc):
-        text = f"Model: first-token accuracy <strong>{_esc(f'{acc:.1%}')}</strong> on the evaluation queries."
-    else:
-        text = "Model: first-token accuracy not recorded in metrics.json."
-    out = f'<p class="accuracy">{text}</p>'
+    known = isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc)
+    value = f"<strong>{_esc(f'{acc:.1%}')}</strong>" if known else "<strong>unknown</strong>"
+    n = model.get("n_queries")
+    on = f"on {_esc(n)} queries" if n is not None else "on the evaluation queries"
+    out = f'<p class="accuracy">Model: first-token accuracy {value} {on}.</p>'
     warning = model.get("accuracy_warning")
     if warning:
-        out += f'<p class="warn" role="note">{_esc(warning)}</p>'
+        text = str(warning).rstrip(".")
+        out += f'<p class="warn" role="note"><strong>Warning:</strong> {_esc(text[:1].upper() + text[1:])}.</p>'
     return out
 
 
@@ -358,12 +365,13 @@ def _metrics_html(metrics: Mapping[str, Any]) -> str:
     methods = _methods(metrics)
     parts = [model_accuracy_note(metrics), _settings_list(s)]
     if methods:
-        parts.append(
-            "<h3>Results</h3><p>Attribution: MRR of the first document that states the fact; R@k = share of "
-            "queries with one in the top k. Influence (tail-patch): mean increase of the target's "
-            "log-probability (Δlogp) and probability (Δp) after one training step on a single proponent, "
-            "averaged over the top-k proponents and the queries.</p>"
-        )
+        about = "Attribution: MRR of the first document that states the fact; R@k = share of queries with one in the top k."
+        if any(metrics[m].get("tailpatch") for m in methods):
+            about += (
+                " Influence (tail-patch): mean increase of the target's log-probability (Δlogp) and probability "
+                "(Δp) after one training step on a single proponent, averaged over the top-k proponents and the queries."
+            )
+        parts.append(f"<h3>Results</h3><p>{_esc(about)}</p>")
         parts.append(_results_table(metrics, methods, _ks(metrics, methods)))
     if isinstance(s.get("tailpatch"), dict):
         parts.append(_tailpatch_note(s["tailpatch"]))
