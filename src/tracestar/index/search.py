@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -341,16 +342,18 @@ class _Bounds:
     q_low: torch.Tensor  # [Q, D] the query as the chunk matmul sees it (stored dtype)
     base: torch.Tensor  # [Q] float64: ‖q − q_low‖ + acc·‖q‖; times ‖x‖ it bounds query rounding + accumulation
     rel: float  # output rounding, relative to |s|
-    unit: bool  # the index promises unit rows (‖x‖ ≤ 1.01 after the stored rounding)
+    unit: bool  # the index promises unit rows (‖x‖ ≤ 1.01 after the stored rounding); the bounds,
+    # and the canonical re-score's own error bound, trust that promise (the builder normalises)
 
     @classmethod
     def of(cls, store: IndexStore, kind: str, q: np.ndarray) -> _Bounds:
         stored = stored_dtype_of(store, kind)
         q32 = torch.from_numpy(q)
         q_low = q32.to(_TORCH_DTYPE[stored])
-        q64 = q32.double()
-        a_q = torch.linalg.vector_norm(q64 - q_low.double(), dim=1)  # Cauchy–Schwarz: |(q − q_low)·x| ≤ a_q·‖x‖
-        acc = _ACC_LAMBDA * math.sqrt(store.dim) * 2.0**-24 * torch.linalg.vector_norm(q64, dim=1)
+        # Cauchy–Schwarz: |(q − q_low)·x| ≤ ‖q − q_low‖·‖x‖ (the difference is exact in float32;
+        # ×1.01 covers the float32 norms' rounding)
+        a_q = torch.linalg.vector_norm(q32 - q_low.float(), dim=1).double() * 1.01
+        acc = _ACC_LAMBDA * math.sqrt(store.dim) * 2.0**-24 * torch.linalg.vector_norm(q32, dim=1).double() * 1.01
         unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
         return cls(q_low, a_q + acc, _REL_OUT[stored], unit)
 
@@ -466,17 +469,28 @@ def _scan(
     return out[0], out[1]
 
 
-def _gather_rows(store: IndexStore, kind: str, stored: str, rows: np.ndarray, blocks: dict, verify: bool) -> np.ndarray:
-    """[n, D] stored rows (sorted global row numbers), gathered from the mmaps and `_decoded`."""
-    starts = np.array([int(s["start"]) for s in store.shards], dtype=np.int64)
+def _gather_rows(blocks: dict[int, np.ndarray], starts: np.ndarray, stored: str, rows: np.ndarray) -> np.ndarray:
+    """[n, D] stored rows (sorted global row numbers) from the shards' mmaps `blocks`, `_decoded`."""
     shard_of = np.searchsorted(starts, rows, side="right") - 1
-    parts = []
-    for shard_no in np.unique(shard_of):
-        s = int(shard_no)
-        if s not in blocks:
-            blocks[s] = store.load_shard(kind, s, verify=verify)
-        parts.append(blocks[s][rows[shard_of == shard_no] - starts[shard_no]])
+    parts = [blocks[int(s)][rows[shard_of == s] - starts[s]] for s in np.unique(shard_of)]
     return _decoded(np.concatenate(parts) if len(parts) > 1 else parts[0], stored)
+
+
+def _on_threads(fn, items: list) -> None:
+    """fn(item) for every item, on torch's intra-op thread count of Python threads.
+
+    numpy releases the GIL in the gathers, casts and einsum that make up a canonical re-score, so
+    per-query work spreads over the cores; unlike OpenMP regions on small operands, idle workers
+    block instead of spinning, which keeps a loaded machine's throughput.
+    """
+    workers = min(len(items), torch.get_num_threads())
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(fn, items):
+            pass
 
 
 def _pair_scores(store: IndexStore, kind: str, stored: str, q: np.ndarray, rows: np.ndarray, verify: bool,
@@ -488,12 +502,19 @@ def _pair_scores(store: IndexStore, kind: str, stored: str, q: np.ndarray, rows:
     """
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     valid = rows >= 0
-    blocks: dict[int, np.ndarray] = {}
-    for i in np.flatnonzero(valid.any(axis=1)):
+    if not valid.any():
+        return out
+    starts = np.array([int(s["start"]) for s in store.shards], dtype=np.int64)
+    shards = np.unique(np.searchsorted(starts, rows[valid], side="right") - 1)
+    blocks = {int(s): store.load_shard(kind, int(s), verify=verify) for s in shards}  # verified here, once
+
+    def one(i: int) -> None:
         asked = rows[i, valid[i]]
         want = np.unique(asked)
-        sc = canonical_scores(q[i : i + 1], _gather_rows(store, kind, stored, want, blocks, verify), x_norm)[0]
+        sc = canonical_scores(q[i : i + 1], _gather_rows(blocks, starts, stored, want), x_norm)[0]
         out[i, valid[i]] = sc[np.searchsorted(want, asked)]
+
+    _on_threads(one, np.flatnonzero(valid.any(axis=1)).tolist())
     return out
 
 
