@@ -84,10 +84,21 @@ def encode_query(tokenizer, prompt: str, target: str, row: int, max_length: int)
     nearest the target stay), and every target token is kept — a target scored in part would be
     another query. A target that does not fit even after one context token raises `TargetTooLong`.
     """
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
-    if not prompt_ids:
-        prompt_ids = [_context_token(tokenizer)]
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    return query_example(query_prompt_ids(tokenizer, prompt), target_ids, row, max_length)
+
+
+def query_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as a query reads them: with the tokenizer's own specials, and its
+    bos/eos alone for an empty prompt. Generation (`tracestar trace`) starts from the same ids."""
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+    return prompt_ids or [_context_token(tokenizer)]
+
+
+def query_example(prompt_ids: list[int], target_ids: list[int], row: int, max_length: int) -> Example:
+    """A query from token ids (a generated continuation has ids, not text): the prompt is cut from
+    the left to fit `max_length`, every target token is kept, as `encode_query` describes."""
+    prompt_ids, target_ids = list(prompt_ids), list(target_ids)
     if len(target_ids) > max_length - 1:
         raise TargetTooLong(len(target_ids), max_length)
     truncated = len(prompt_ids) + len(target_ids) > max_length

@@ -143,6 +143,7 @@ def explain_pairs(
     quiet: bool = True,
     on_error: Callable[[str, Exception], None] | None = None,
     chunk_docs: int = 32,
+    query_vectors: Mapping[str, np.ndarray] | None = None,
 ) -> dict[tuple[str, str], TokenAttribution]:
     """Per-token attributions of many (query, doc_id) pairs, keyed by (query.id, doc_id).
 
@@ -151,6 +152,8 @@ def explain_pairs(
     one document's [T, D] per-position block plus `chunk_docs` gradients [D] besides the results.
     A model that does not match the index is refused before any work (UserError). A document that
     fails is passed to `on_error(doc_id, exc)` and left out; with no `on_error` the error is raised.
+    `query_vectors` (query id -> final vector [D]) is for a caller that already has them, such as a
+    trace of generated token ids, which no (prompt, target) text reproduces exactly.
     """
     from tqdm.auto import tqdm
 
@@ -165,7 +168,10 @@ def explain_pairs(
     if not by_doc:
         return {}
     qids = list(queries)
-    q_final = torch.from_numpy(index.query_vectors([queries[i] for i in qids], model_dir))  # [Q, D]
+    if query_vectors is not None:
+        q_final = torch.from_numpy(np.stack([np.asarray(query_vectors[i], dtype=np.float32) for i in qids]))  # [Q, D]
+    else:
+        q_final = torch.from_numpy(index.query_vectors([queries[i] for i in qids], model_dir))  # [Q, D]
     pulled = pulled_back(index.preconditioner, q_final)  # [Q, D]
     column = {qid: j for j, qid in enumerate(qids)}
     missing = [d for d in by_doc if texts is None or d not in texts]

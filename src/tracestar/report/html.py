@@ -104,6 +104,7 @@ def _doc_entry(
     open_: bool,
     max_tokens: int,
     max_chars: int,
+    link: str | None = None,
 ) -> str:
     doc_id = str(item.get("doc_id"))
     score = float(item.get("score", float("nan")))
@@ -118,6 +119,8 @@ def _doc_entry(
         extra = f'<span class="tsum" title="{_esc(note)}">Σ tok {_esc(_fmt(total))}</span>'
     else:
         body = f'<div class="doc">{_plain_text(docs.get(doc_id), max_chars)}</div>'
+    if link is not None:  # the document's own page (`tracestar serve`); the URL is escaped like any value
+        body += f'<a class="fulltext" href="{_esc(link)}" target="_blank" rel="noopener noreferrer">full text ↗</a>'
     badge = '<span class="badge" title="in both the TrackStar and BM25 lists">both</span>' if doc_id in marks else ""
     return (
         f'<li class="hit"><details{" open" if open_ else ""}><summary>'
@@ -141,6 +144,7 @@ def _doc_list(
     open_first: int,
     max_tokens: int,
     max_chars: int,
+    links: Mapping[str, str] | None = None,
 ) -> str:
     if not items:
         return f'<p class="empty">no {kind}</p>'
@@ -152,10 +156,35 @@ def _doc_list(
         rows.append(
             _doc_entry(
                 rank, item, docs, toks, scale, marks=marks, open_=rank <= open_first,
-                max_tokens=max_tokens, max_chars=max_chars,
+                max_tokens=max_tokens, max_chars=max_chars, link=(links or {}).get(str(item.get("doc_id"))),
             )
         )
     return f'<ol class="hits {kind}">{"".join(rows)}</ol>'
+
+
+def hit_list(
+    items: Sequence[Mapping[str, Any]],
+    docs: Mapping[str, str],
+    token_scores: Mapping[str, Sequence[Token]] | None = None,
+    *,
+    kind: str,
+    scale: float | None = None,
+    links: Mapping[str, str] | None = None,
+    marks: set[str] | frozenset[str] = frozenset(),
+    open_first: int = 3,
+    max_tokens: int = 3000,
+    max_chars: int = 20000,
+) -> str:
+    """A ranked list of documents drawn as the report draws it (rank, id, score bar, per-token heat
+    map or escaped text), for pages that show results outside a report (`tracestar serve`), so one
+    escaping and one heat map serve both. token_scores: doc_id -> tokens; links: doc_id -> URL of the
+    document's own page; scale: the score that fills a bar (default: the largest |score| here).
+    """
+    keyed = None if token_scores is None else {("", str(d)): t for d, t in token_scores.items()}
+    return _doc_list(
+        items, "", docs, keyed, kind=kind, scale=_scale(items) if scale is None else scale, marks=set(marks),
+        open_first=open_first, max_tokens=max_tokens, max_chars=max_chars, links=links,
+    )
 
 
 def _scale(*lists: Iterable[Mapping[str, Any]]) -> float:
@@ -527,6 +556,11 @@ _JS = """
   apply();
 })();
 """
+
+
+#: The report's style sheet and its escaping, for other pages that draw hit lists (`tracestar serve`).
+REPORT_CSS = _CSS
+escape = _esc
 
 
 def _csp(script: str) -> str:
