@@ -17,7 +17,8 @@ from tracestar.errors import UserError
 DESCRIPTION = """\
 Find the training documents that taught a language model what it says (TrackStar attribution).
 Build an index of a corpus for a model once (`index`), then ask which documents support or
-oppose a completion (`query`), see which tokens of a document matter (`explain`), browse the
+oppose a completion (`query`), let the model answer a prompt and trace its answer (`trace`, or
+the local web app `serve`), see which tokens of a document matter (`explain`), browse the
 results (`report`), or measure the ranking against ground truth (`eval`). `demo` runs the whole
 pipeline on a built-in world of facts.
 """
@@ -357,8 +358,84 @@ def _run_report(args) -> int:
     return 0
 
 
+# === trace / serve (tracestar.trace, tracestar.serve) ===
+
+
+def _add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="let the model answer a prompt (greedy), then find the documents behind the answer")
+    p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
+    p.add_argument("--prompt", required=True, help="the prompt the model answers")
+    p.add_argument("--target", help="trace this completion instead of generating one (tokenized as `query` does)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="most tokens to generate, 1 to 1024 and below the index's max_length (default 32)")
+    p.add_argument("--top-k", type=int, default=10, help="proponents and opponents to show, ≥ 1 (default 10)")
+    p.add_argument("--per-target-token", action="store_true",
+                   help="also trace each generated token on its own (its prefix: the prompt and the tokens before it)")
+    p.add_argument("--no-explain", dest="explain", action="store_false",
+                   help="scores only, no per-token snippets (one backward pass per listed document fewer)")
+    p.add_argument("--model", help="model directory (default: the manifest's; must match the index)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: a `query` result plus `generation` (and `per_token`)")
+    p.set_defaults(func=_run_trace)
+
+
+def _run_trace(args) -> int:
+    import json
+
+    from tracestar.api import check_search_options, open_index
+    from tracestar.errors import check_int
+    from tracestar.trace import MAX_NEW_TOKENS_LIMIT, format_trace, trace
+
+    check_search_options(args.top_k, None)
+    check_int("--max-new-tokens", args.max_new_tokens, minimum=1, maximum=MAX_NEW_TOKENS_LIMIT)
+    index = open_index(args.index)
+    index.tracer(args.model)  # loads the model, refused if its fingerprint differs from the index's
+    result = trace(index, args.prompt, target=args.target, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                   per_target_token=args.per_target_token, explain=args.explain)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    form, exact_scores = index.store.search_form(exact=False, rerank=None)
+    searched = "exact (full-precision vectors)" if form == "exact" else \
+        f"{form} ({'candidates re-scored exactly' if exact_scores else 'approximate scores'})"
+    print(format_trace(result, searched=searched))
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local web app: type a prompt, see the answer and the documents behind it")
+    p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; another exposes the corpus)")
+    p.add_argument("--port", type=int, default=8765, help="port, 0 to 65535; 0 picks a free one (default 8765)")
+    p.add_argument("--model", help="model directory (default: the manifest's; must match the index)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="the most tokens a request may generate, 1 to 1024 and below the index's max_length (default 64)")
+    p.add_argument("--top-k", type=int, default=10, help="documents per list, 1 to 100 (default 10)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from tracestar.errors import check_int
+
+    check_int("--port", args.port, minimum=0, maximum=65535)
+    check_int("--max-new-tokens", args.max_new_tokens, minimum=1, maximum=1024)
+    check_int("--top-k", args.top_k, minimum=1, maximum=100)
+    if not args.host.strip():
+        raise UserError("--host: empty; give an address such as 127.0.0.1")
+    from tracestar.serve import serve
+
+    try:
+        serve(args.index, host=args.host, port=args.port, model_dir=args.model, max_new_tokens=args.max_new_tokens,
+              top_k=args.top_k)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 _COMMANDS: list = [
-    _add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_report, _add_compress, _add_eval, _add_demo,
+    _add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_trace, _add_serve, _add_report, _add_compress,
+    _add_eval, _add_demo,
 ]
 
 
