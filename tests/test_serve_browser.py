@@ -180,10 +180,7 @@ def test_document_page_is_the_full_text_with_its_heat_map(server):
     assert status == 200 and "token 1 alone" in page
 
 
-ONE_LINE = pytest.mark.parametrize  # (the cases below each check that the reason is one line)
-
-
-@ONE_LINE("path, body, status, says", [
+@pytest.mark.parametrize("path, body, status, says", [
     ("/api/trace", b"{not json", 400, "body is not JSON"),
     ("/api/trace", b"[1, 2]", 400, "body must be a JSON object, got list"),
     ("/api/trace", b'{"max_new_tokens": 2}', 400, "field 'prompt': missing"),
@@ -346,6 +343,7 @@ def page(browser, server):
     """A page of the app; every request the page makes is recorded, and any that is not for this
     server is refused (and fails the test)."""
     context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context.set_default_timeout(90_000)  # a loaded 2-core machine can be slow; a hang still fails
     pg = context.new_page()
     requests: list[str] = []
     errors: list[str] = []
@@ -361,7 +359,13 @@ def page(browser, server):
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     pg.goto(server.url + "/")
-    pg.wait_for_function("document.querySelector('[data-fact=\"dim\"]').textContent !== '…'")
+    from playwright.sync_api import expect
+
+    try:  # (a locator wait: a wait_for_function string would be eval, which the page's CSP forbids)
+        expect(pg.locator('[data-fact="dim"]')).not_to_have_text("…", timeout=90_000)
+    except AssertionError as exc:  # say what the page saw
+        raise AssertionError(f"the facts never loaded: status {pg.locator('#status').text_content()!r}, "
+                             f"requests {requests}, errors {errors}") from exc
     pg.requests, pg.errors = requests, errors
     yield pg
     context.close()

@@ -250,13 +250,16 @@ def snippet(tokens: Sequence[tuple[str, float]], special: Sequence[bool] = (), *
     lo = max(0, best - before)
     view = [i for i in shown if lo <= i < best + after]
     strong = set(sorted((i for i in view if sign * tokens[i][1] > 0), key=lambda i: -sign * tokens[i][1])[:marks])
+    marked = [i in strong and bool(tokens[i][0].strip()) for i in view]
     parts = []
-    for i in view:
+    for k, i in enumerate(view):
         text = tokens[i][0]
-        core = text.strip()
-        if i in strong and core:
+        if marked[k]:  # a run of marked neighbours shares one pair of marks: **Moresby.**, not **Moresby****.**
+            core = text.strip()
             lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
-            text = f"{lead}{SNIPPET_MARK}{core}{SNIPPET_MARK}{trail}"
+            opens = "" if k > 0 and marked[k - 1] and not lead else SNIPPET_MARK
+            closes = "" if k + 1 < len(view) and marked[k + 1] and not tokens[view[k + 1]][0][:1].isspace() else SNIPPET_MARK
+            text = f"{lead}{opens}{core}{closes}{trail}"
         parts.append(text)
     line = " ".join("".join(parts).split())
     return ("… " if view[0] > shown[0] else "") + line + (" …" if view[-1] < shown[-1] else "")
