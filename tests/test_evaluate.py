@@ -238,7 +238,7 @@ def fake_api(monkeypatch, tmp_path, model_dir):
     return tmp_path, qpath
 
 
-def test_evaluate_writes_report(fake_api):
+def test_evaluate_writes_report(fake_api, model_dir):
     from tracestar.evaluate.run import evaluate
 
     tmp, qpath = fake_api
@@ -263,8 +263,18 @@ def test_evaluate_writes_report(fake_api):
     for png in ("attribution_by_bucket.png", "tailpatch.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "| tracestar |" in report and "| bm25 |" in report and "lr = 0.02" in report
+    assert "| tracestar |" in report and "| BM25 |" in report and "| fact-stating documents |" in report
+    assert "| bm25 |" not in report and "lr = 0.02" in report
     assert (out / "rankings" / "bm25.jsonl").exists()
+    # the model's accuracy, measured on the index's model, is saved and stated; "model" is no method
+    from tracestar.evaluate.run import ACCURACY_THRESHOLD, methods_of
+    from tracestar.world.train import first_token_accuracy
+
+    acc = first_token_accuracy(model_dir, None, QUERIES)
+    assert saved["model"]["first_token_accuracy"] == pytest.approx(acc) and saved["model"]["n_queries"] == 3
+    assert (saved["model"]["accuracy_warning"] is None) == (acc >= ACCURACY_THRESHOLD)
+    assert f"first-token accuracy {acc:.1%} on 3 queries" in report
+    assert "model" not in methods_of(saved) and "model" not in saved["_settings"]["variants"]
 
 
 def test_report_without_tailpatch(tmp_path):
@@ -278,6 +288,53 @@ def test_report_without_tailpatch(tmp_path):
     assert saved["tracestar"]["mrr"] == pytest.approx(0.75) and saved["bm25"]["mrr"] == pytest.approx(0.75)
     assert (tmp_path / "attribution_by_bucket.png").exists() and not (tmp_path / "tailpatch.png").exists()
     assert "Δlogp" not in format_table(m)
+    assert "accuracy" not in format_table(m) and "model" not in saved  # no model: nothing claimed
+
+
+def _metrics_with_accuracy(acc):
+    from tracestar.evaluate.run import evaluate_results, model_summary
+
+    queries = [_q("q1", ["a"], "1"), _q("q2", ["b"], "2-3")]
+    m = evaluate_results(queries, {"tracestar": [_res("q1", ["a"])], "bm25": [_res("q1", ["b", "a"])],
+                                   "relevant": []}, ks=(1, 10))
+    m["model"] = model_summary(acc, 1189)
+    return m
+
+
+@pytest.mark.parametrize("acc", [0.398, 0.896])
+def test_table_and_report_state_accuracy_and_warn_when_low(tmp_path, acc):
+    from tracestar.evaluate.run import ACCURACY_THRESHOLD, format_table, write_report
+
+    m = _metrics_with_accuracy(acc)
+    low = acc < ACCURACY_THRESHOLD
+    assert ACCURACY_THRESHOLD == 0.7
+    table = format_table(m)
+    assert f"first-token accuracy {acc:.1%} on 1189 queries" in table
+    assert ("WARNING" in table) == low
+    assert table.index("accuracy") < table.index("| method |")  # read before the figures
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["method", "tracestar", "BM25", "fact-stating documents"]
+    write_report(m, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["model"]["first_token_accuracy"] == pytest.approx(acc)
+    assert f"first-token accuracy {acc:.1%}" in report
+    if low:
+        warning = saved["model"]["accuracy_warning"]
+        assert warning.startswith(f"the model's first-token accuracy ({acc:.1%}) is below 70%")
+        assert report.splitlines()[2].startswith("> **Warning:** the model's first-token accuracy (39.8%)")
+    else:
+        assert saved["model"]["accuracy_warning"] is None and "Warning" not in report
+
+
+def test_unknown_accuracy_is_null_and_warned(tmp_path):
+    from tracestar.evaluate.run import format_table, write_report
+
+    m = _metrics_with_accuracy(float("nan"))
+    write_report(m, tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: no NaN
+    assert saved["model"]["first_token_accuracy"] is None and "unknown" in saved["model"]["accuracy_warning"]
+    assert "first-token accuracy unknown" in format_table(m)
 
 
 def test_cli_eval(fake_api, capsys):
@@ -287,7 +344,8 @@ def test_cli_eval(fake_api, capsys):
     rc = main(["eval", "--index", str(tmp / "main"), "--queries", str(qpath), "--bm25", "--tail-patch",
                "--k", "1,3", "--max-queries", "1", "--out", str(tmp / "r")])
     out = capsys.readouterr().out
-    assert rc == 0 and "| tracestar |" in out and "| bm25 |" in out and "report.md" in out
+    assert rc == 0 and "| tracestar |" in out and "| BM25 |" in out and "report.md" in out
+    assert "first-token accuracy" in out
     saved = json.loads((tmp / "r" / "metrics.json").read_text())
     assert set(saved["tracestar"]["tailpatch"]) == {"1", "3"}
     assert main(["eval", "--index", "x", "--queries", str(qpath), "--k", "0", "--out", str(tmp / "r2")]) == 2
@@ -301,12 +359,19 @@ def test_demo_small(tmp_path):
     from tracestar.evaluate.demo import run_demo
 
     out = tmp_path / "demo"
+    threads_before = torch.get_num_threads()
     m = run_demo(out, scale="small", quiet=True)
     for method in ("tracestar", "bm25"):
         assert 0.0 <= m[method]["mrr"] <= 1.0
         assert set(m[method]["tailpatch"]) == {"1", "3", "5", "10"}
     assert "tailpatch" in m["relevant"]
     assert (out / "eval" / "metrics.json").exists() and (out / "eval" / "report.md").exists()
+    # every planned step taken, and the accuracy the evaluation measured is the trainer's
+    log = json.loads((out / "model" / "train_log.json").read_text())
+    assert log["steps"] == log["planned_steps"] == 30 * -(-log["n_docs"] // 32) and "stopped_early" not in log
+    assert m["model"]["first_token_accuracy"] == pytest.approx(log["first_token_accuracy"], abs=1e-9)
+    assert "first-token accuracy" in (out / "eval" / "report.md").read_text()
+    assert m["_demo"]["threads"] == 1 and torch.get_num_threads() == threads_before
     # everything cached: a second run redoes nothing and returns the same metrics
     m2 = run_demo(out, scale="small", quiet=True)
     assert m2["tracestar"] == m["tracestar"] and m2["_demo"]["cached"] == {"world": True, "train": True,

@@ -94,9 +94,10 @@ def test_smoke_training_saves_loadable_model(small_world, tmp_path):
     out = tmp_path / "model"
     log = train_model(
         small_world / "corpus.jsonl", out, queries_path=small_world / "queries.jsonl", seed=0,
-        epochs=1, d_model=32, n_layer=1, n_head=2, vocab_size=600, max_minutes=1.0,
+        epochs=1, d_model=32, n_layer=1, n_head=2, vocab_size=600,
     )
-    assert log["steps"] > 0 and not log["cached"]
+    assert log["steps"] == log["planned_steps"] == -(-653 // 32) and not log["cached"]
+    assert "stopped_early" not in log
     assert 0.0 <= log["first_token_accuracy"] <= 1.0
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
@@ -115,6 +116,89 @@ def test_smoke_training_saves_loadable_model(small_world, tmp_path):
     assert acc == pytest.approx(log["first_token_accuracy"])
     again = train_model(
         small_world / "corpus.jsonl", out, queries_path=small_world / "queries.jsonl", seed=0,
-        epochs=1, d_model=32, n_layer=1, n_head=2, vocab_size=600, max_minutes=1.0,
+        epochs=1, d_model=32, n_layer=1, n_head=2, vocab_size=600,
     )
     assert again["cached"]
+
+
+# --- training is counted in seeded steps, never in seconds ---------------------------------------
+
+TINY = dict(epochs=2, d_model=32, n_layer=1, n_head=2, vocab_size=600, batch_size=64)
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_same_seed_same_training_even_when_the_clock_races(small_world, tmp_path, monkeypatch):
+    """Two runs with one seed give the same loss log and weights, even if every clock reading of the
+    second run is an hour later than the one before (a machine 'too slow' for any time cap)."""
+    import time
+
+    import torch
+
+    from tracestar.world import train_model
+
+    corpus, queries = small_world / "corpus.jsonl", small_world / "queries.jsonl"
+    first = train_model(corpus, tmp_path / "a", queries_path=queries, seed=3, **TINY)
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(time, "monotonic", lambda: 3600.0 * next(ticks))
+    second = train_model(corpus, tmp_path / "b", queries_path=queries, seed=3, **TINY)
+    monkeypatch.undo()
+    other = train_model(corpus, tmp_path / "c", queries_path=queries, seed=4, **TINY)
+
+    assert first["steps"] == second["steps"] == first["planned_steps"] == 2 * -(-653 // 64)
+    assert second["epochs_run"] == 2 and second["seconds"] > 3600  # the clock did race
+    assert second["epoch_losses"] == pytest.approx(first["epoch_losses"], abs=1e-4)
+    assert second["final_lr"] == pytest.approx(first["final_lr"], rel=1e-12)
+    assert second["first_token_accuracy"] == pytest.approx(first["first_token_accuracy"], abs=0.01)
+    wa, wb, wc = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert set(wa) == set(wb)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    assert other["epoch_losses"] != first["epoch_losses"]
+    assert any(not torch.allclose(wa[n], wc[n], atol=1e-3) for n in wa)
+
+
+def test_schedule_depends_on_steps_only():
+    from tracestar.world.train import TrainConfig, lr_at
+
+    cfg = TrainConfig(lr=0.05, warmup_frac=0.04, final_lr_frac=0.05)
+    total = cfg.planned_steps(4183)
+    assert total == 12 * 131
+    peak = round(0.04 * total)
+    assert lr_at(0, total, cfg) == pytest.approx(0.05 * 0.01)  # warmup starts near zero
+    assert lr_at(peak, total, cfg) == pytest.approx(0.05, rel=0.02)
+    assert lr_at(total, total, cfg) == pytest.approx(0.05 * 0.05)  # anneals to final_lr_frac
+    rates = [lr_at(s, total, cfg) for s in range(peak, total + 1)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # monotone decay after warmup
+    assert not hasattr(cfg, "max_minutes")
+
+
+def test_training_logs_no_loss_type_warning(small_world):
+    """transformers warns "loss_type=None ... unrecognized" on the first loss of a model whose class
+    name it does not map; the trainer's models name their loss, so nothing is printed."""
+    import logging
+
+    import torch
+
+    from tracestar.world.train import TrainConfig, build_model, train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (small_world / "corpus.jsonl").read_text().splitlines()[:50]]
+    tokenizer = train_tokenizer(texts, 300)
+    model = build_model(TrainConfig(d_model=16, n_layer=1, n_head=2, max_length=32), tokenizer)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    getattr(hf_logger.warning_once, "cache_clear", lambda: None)()  # warned earlier in this process?
+    hf_logger.addHandler(handler)
+    try:
+        ids = torch.tensor([tokenizer(texts[0])["input_ids"][:16]])
+        loss = model(input_ids=ids, labels=ids).loss
+    finally:
+        hf_logger.removeHandler(handler)
+    assert torch.isfinite(loss)
+    assert not [m for m in seen if "loss_type" in m]

@@ -1,4 +1,4 @@
-"""`tracestar demo`: the whole story on a laptop, from nothing, in about ten minutes on 2 CPU cores.
+"""`tracestar demo`: the whole story on a laptop, from nothing, in a few minutes on 2 CPU cores.
 
     world (real GeoNames facts, exact ground truth)  ->  train a tiny GPT-2 with Adafactor
     ->  TrackStar index (optimizer correction, unit norm, mixed R from the eval queries)
@@ -8,6 +8,10 @@ Every step is cached in `out_dir` and skipped when its output exists and was mad
 inputs: the world by (seed, scale), the model by the trainer's own cache key (config + corpus
 bytes), the index by `build_index`'s identity check (options + model fingerprint + corpus), the
 evaluation by the hashes of the index manifest and the query file and the evaluation settings.
+
+Nothing here watches the clock: the trainer takes a fixed number of seeded steps, so a busy
+machine takes longer but prints the same figures as an idle one (up to the last digits of
+floating-point sums).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from typing import Any
 from tracestar.errors import UserError
 from tracestar.index.store import sha256_file, write_json
 
-#: Per scale: trainer time cap (minutes), projection dim, tail-patch queries, trainer overrides.
+#: Per scale: projection dim, tail-patch queries, trainer overrides (see `TrainConfig`).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"train_minutes": 4.5, "proj_dim": 4096, "tail_patch_queries": 200, "train": {}},
-    "small": {"train_minutes": 1.5, "proj_dim": 1024, "tail_patch_queries": 40,
-              "train": {"d_model": 96, "epochs": 30}},
+    "full": {"proj_dim": 4096, "tail_patch_queries": 200, "train": {}},
+    "small": {"proj_dim": 1024, "tail_patch_queries": 40, "train": {"d_model": 96, "epochs": 30}},
 }
 KS = (1, 3, 5, 10)
+#: torch intra-op threads for every step. On a busy 2-core machine two threads that wait for each
+#: other made training steps about seven times slower and the index build 2.5 times slower than
+#: one thread did (measured); on an idle one the second thread gains little at this size.
+DEMO_THREADS = 1
+#: Bumped when the evaluation's output changes shape, so older cached metrics are recomputed.
+EVAL_VERSION = 2
 
 
 def _read_json(path: Path) -> Any:
@@ -42,7 +51,6 @@ def run_demo(
     *,
     scale: str = "full",
     seed: int = 0,
-    train_minutes: float | None = None,
     proj_dim: int | None = None,
     tail_patch_queries: int | None = None,
     lr: float | None = None,
@@ -51,14 +59,25 @@ def run_demo(
     """World -> train -> index (mixed R) -> evaluate (BM25, tail-patch); prints the table and where
     the report is. Returns the metrics (as in `metrics.json`) plus `"_demo"`: what was cached, seconds
     per step, the training summary and the paths."""
+    import torch
+
     if scale not in DEMO_SETTINGS:
         raise UserError(f"unknown demo scale {scale!r}; choose from {', '.join(DEMO_SETTINGS)}")
     cfg = DEMO_SETTINGS[scale]
-    train_minutes = cfg["train_minutes"] if train_minutes is None else train_minutes
     proj_dim = cfg["proj_dim"] if proj_dim is None else proj_dim
     tail_patch_queries = cfg["tail_patch_queries"] if tail_patch_queries is None else tail_patch_queries
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        return _run_demo(Path(out_dir), cfg, scale=scale, seed=seed, proj_dim=proj_dim,
+                         tail_patch_queries=tail_patch_queries, lr=lr, quiet=quiet)
+    finally:
+        torch.set_num_threads(saved_threads)
 
-    out = Path(out_dir)
+
+def _run_demo(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, proj_dim: int, tail_patch_queries: int,
+              lr: float | None, quiet: bool) -> dict[str, Any]:
+    """The four steps of `run_demo`, each skipped when cached."""
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     cached: dict[str, bool] = {}
@@ -89,14 +108,15 @@ def run_demo(
     say(f"[1/4] world: {n_docs:,} documents, {n_queries:,} queries -> {wdir}" + (" (cached)" if cached["world"] else ""))
 
     # 2. the model -------------------------------------------------------------------------------
-    from tracestar.world.train import train_model
+    from tracestar.world.train import TrainConfig, train_model
 
     t0 = time.time()
     model_dir = out / "model"
     if not quiet and not (model_dir / "train_log.json").exists():
-        say(f"[2/4] train: a tiny GPT-2 with Adafactor, at most {train_minutes:g} min ...")
-    log = train_model(paths.corpus, model_dir, queries_path=paths.queries, seed=seed, max_minutes=train_minutes,
-                      **cfg["train"])
+        tcfg = TrainConfig(seed=seed, **cfg["train"])
+        say(f"[2/4] train: a tiny GPT-2 with Adafactor, {tcfg.epochs} epochs = {tcfg.planned_steps(n_docs):,} "
+            f"seeded steps ...")
+    log = train_model(paths.corpus, model_dir, queries_path=paths.queries, seed=seed, **cfg["train"])
     cached["train"] = bool(log.get("cached"))
     seconds["train"] = round(time.time() - t0, 1)
     acc = log.get("first_token_accuracy")
@@ -132,7 +152,8 @@ def run_demo(
 
     t0 = time.time()
     eval_dir = out / "eval"
-    ekey = {"manifest_sha256": sha256_file(manifest_path), "queries_sha256": sha256_file(paths.queries), "ks": list(KS),
+    ekey = {"version": EVAL_VERSION, "manifest_sha256": sha256_file(manifest_path),
+            "queries_sha256": sha256_file(paths.queries), "ks": list(KS),
             "bm25": True, "tail_patch": True, "max_queries": tail_patch_queries, "lr": lr}
     estamp = eval_dir / "demo_eval.json"
     prev = _read_json(estamp)
@@ -159,9 +180,9 @@ def run_demo(
         print(f"\nreport: {eval_dir / 'report.md'} (metrics.json, attribution_by_bucket.png, tailpatch.png beside it)")
         print("steps (s): " + ", ".join(f"{k} {v}" + (" cached" if cached.get(k) else "") for k, v in seconds.items()))
         sys.stdout.flush()
-    demo = {"cached": cached, "seconds": seconds, "scale": scale,
-            "train": {k: log.get(k) for k in ("n_params", "steps", "final_loss", "first_token_accuracy",
-                                             "stopped_early", "seconds")},
+    demo = {"cached": cached, "seconds": seconds, "scale": scale, "threads": DEMO_THREADS,
+            "train": {k: log.get(k) for k in ("n_params", "steps", "epochs_run", "final_loss", "first_token_accuracy",
+                                             "threads", "seconds")},
             "paths": {"world": str(wdir), "model": str(model_dir), "index": str(index_dir), "eval": str(eval_dir)}}
     write_json(out / "demo.json", demo)
     return {**metrics, "_demo": demo}

@@ -10,7 +10,13 @@ metrics.json::
      "bm25": {same keys},
      "relevant": {"tailpatch": {...}},
      "<variant>": {same keys as tracestar},
-     "_settings": {...}}          # keys starting with "_" are not methods
+     "model": {"first_token_accuracy": x, "accuracy_warning": str or null, "accuracy_threshold": x,
+               "n_queries": n},
+     "_settings": {...}}          # "model" and keys starting with "_" are not methods
+
+The model's first-token accuracy comes first because it decides how to read the rest: a model
+that has not learned the facts has nothing to attribute, and below `ACCURACY_THRESHOLD` the
+paper's findings (BM25 ahead on attribution, TrackStar ahead on influence) are not expected.
 
 `rankings/<method>.jsonl` keeps every method's result lists.
 """
@@ -29,6 +35,15 @@ from tracestar.errors import OptionError, check_float, check_int
 from tracestar.evaluate.metrics import attribution_metrics, relevant_ids, sort_buckets
 
 DEFAULT_KS = (1, 3, 5, 10)
+
+#: Below this first-token accuracy the report warns. Measured on the demo's world: at 89.6% BM25
+#: wins attribution and TrackStar wins tail-patch, as in the paper; at 37-40% (a model stopped
+#: early) TrackStar's MRR rose to 0.74-0.76 and it beat BM25 in every tail-patch column.
+ACCURACY_THRESHOLD = 0.70
+#: How the table and the plots name a method (metrics.json keeps the keys).
+METHOD_LABELS = {"bm25": "BM25", "relevant": "fact-stating documents"}
+#: Top-level keys of the metrics that are not methods (besides those starting with "_").
+NOT_METHODS = frozenset({"model"})
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -187,7 +202,7 @@ def evaluate(
         method_results["bm25"] = bm25_results(corpus_path, queries, top_k=top_k, text_field=text_field, id_field=id_field)
         timings["bm25_s"] = round(time.time() - t0, 1)
     variant_names: list[str] = []
-    taken = {"tracestar", "bm25", "relevant"}
+    taken = {"tracestar", "bm25", "relevant", *NOT_METHODS}
     for v in variants:
         vidx = open_index(v)
         name = _index_name(vidx.manifest, Path(v), taken)
@@ -219,6 +234,7 @@ def evaluate(
                                tail_patch_methods=tp_methods, max_queries=max_queries,
                                tail_patch_threads=tail_patch_threads, quiet=quiet)
     tp_settings = metrics.pop("_tailpatch", None)
+    metrics["model"] = model_summary(model_accuracy(model_dir, queries), len(queries))
     metrics["_settings"] = {
         "index": str(index_dir), "queries": str(queries_path), "n_queries": len(queries),
         "n_queries_with_relevant": n_rel, "ks": list(ks), "model": str(model_dir), "corpus": corpus_path,
@@ -233,6 +249,33 @@ def evaluate(
     return metrics
 
 
+def model_accuracy(model_dir: str | Path, queries: Sequence[Query]) -> float:
+    """The model's first-token accuracy on the queries (the trainer's measure, any causal LM)."""
+    from tracestar.world.train import first_token_accuracy
+
+    return first_token_accuracy(model_dir, None, queries)
+
+
+def accuracy_warning(accuracy: float | None) -> str | None:
+    """One sentence when `accuracy` is below `ACCURACY_THRESHOLD` (or unknown), else None."""
+    if accuracy is None:
+        return "the model's first-token accuracy is unknown, so it is not known whether it learned the facts"
+    if accuracy >= ACCURACY_THRESHOLD:
+        return None
+    return (f"the model's first-token accuracy ({accuracy:.1%}) is below {ACCURACY_THRESHOLD:.0%}: it has not "
+            f"learned most of the facts, so the paper's findings (BM25 ahead on attribution, TrackStar ahead "
+            f"on influence) are not expected; train it longer")
+
+
+def model_summary(accuracy: float | None, n_queries: int) -> dict[str, Any]:
+    """metrics["model"]: the accuracy (None when unknown: NaN is not JSON), the warning (or None),
+    the threshold and the query count."""
+    if accuracy is not None and accuracy != accuracy:
+        accuracy = None
+    return {"first_token_accuracy": accuracy, "accuracy_warning": accuracy_warning(accuracy),
+            "accuracy_threshold": ACCURACY_THRESHOLD, "n_queries": n_queries}
+
+
 def _relevant_results(queries: Sequence[Query], top_k: int) -> list[dict[str, Any]]:
     from tracestar.evaluate.tailpatch import relevant_results
 
@@ -243,7 +286,31 @@ def _relevant_results(queries: Sequence[Query], top_k: int) -> list[dict[str, An
 
 
 def methods_of(metrics: Mapping[str, Any]) -> list[str]:
-    return [m for m in metrics if not m.startswith("_")]
+    """The method keys of a metrics dict, in order (not "model", not the "_" keys)."""
+    return [m for m in metrics if not m.startswith("_") and m not in NOT_METHODS]
+
+
+def method_label(method: str) -> str:
+    """The name a reader sees: "BM25", "fact-stating documents"; variants keep their own."""
+    return METHOD_LABELS.get(method, method)
+
+
+def _accuracy_text(model: Mapping[str, Any]) -> str:
+    acc = model.get("first_token_accuracy")
+    return ("unknown" if acc is None else f"{acc:.1%}") + f" on {model.get('n_queries', '?')} queries"
+
+
+def accuracy_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The model's first-token accuracy and, when it is too low or unknown, the warning; no lines
+    when the metrics hold no "model" entry (`evaluate_results` alone knows no model)."""
+    model = metrics.get("model")
+    if not isinstance(model, Mapping) or "first_token_accuracy" not in model:
+        return []
+    lines = [f"model: first-token accuracy {_accuracy_text(model)} "
+             f"(greedy next token after the prompt = the target's first token)"]
+    if model.get("accuracy_warning"):
+        lines.append(f"WARNING: {model['accuracy_warning']}.")
+    return lines
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -268,7 +335,13 @@ def _ks_of(metrics: Mapping[str, Any]) -> list[int]:
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
-    """The headline Markdown table: one row per method, attribution then tail-patch Δlogprob/Δprob."""
+    """The headline Markdown table: one row per method, attribution then tail-patch Δlogprob/Δprob,
+    after the model's first-token accuracy (and its warning) when the metrics hold it."""
+    return "\n\n".join(accuracy_lines(metrics) + [method_table(metrics)])
+
+
+def method_table(metrics: Mapping[str, Any]) -> str:
+    """The Markdown table of `format_table` alone."""
     ks = _ks_of(metrics)
     methods = methods_of(metrics)
     has_tp = any(metrics[m].get("tailpatch") for m in methods)
@@ -278,7 +351,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
     for m in methods:
         d = metrics[m]
-        row = [m, _fmt(d.get("mrr"))] + [_fmt(d.get(f"recall@{k}")) for k in ks]
+        row = [method_label(m), _fmt(d.get("mrr"))] + [_fmt(d.get(f"recall@{k}")) for k in ks]
         if has_tp:
             tp = d.get("tailpatch") or {}
             row += [_fmt((tp.get(str(k)) or {}).get("delta_logprob"), 4) for k in ks]
@@ -290,7 +363,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
 def format_bucket_table(metrics: Mapping[str, Any]) -> str:
     methods = [m for m in methods_of(metrics) if "by_bucket" in metrics[m]]
     buckets = sort_buckets({b for m in methods for b in metrics[m]["by_bucket"]})
-    head = ["bucket", "n"] + [f"{m} MRR" for m in methods] + [f"{m} R@10" for m in methods]
+    head = ["bucket", "n"] + [f"{method_label(m)} MRR" for m in methods] + [f"{method_label(m)} R@10" for m in methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
     for b in buckets:
         n = next((metrics[m]["by_bucket"][b]["n"] for m in methods if b in metrics[m]["by_bucket"]), 0)
@@ -319,7 +392,7 @@ def _plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
         for ax, key, title in ((axes[0], "mrr", "MRR"), (axes[1], "recall@10", "recall@10")):
             for j, m in enumerate(methods):
                 vals = [(metrics[m]["by_bucket"].get(b) or {}).get(key, 0.0) for b in buckets] + [metrics[m].get(key, 0.0)]
-                ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=m)
+                ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=method_label(m))
             ax.set_xticks(x, cols)
             ax.set_xlabel("bucket (documents stating the fact)")
             ax.set_title(f"Attribution: {title}")
@@ -337,7 +410,7 @@ def _plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
             for m in tp_methods:
                 tp = metrics[m]["tailpatch"]
                 ks = sorted(int(k) for k in tp)
-                ax.plot(ks, [tp[str(k)][key] for k in ks], marker="o", label=m)
+                ax.plot(ks, [tp[str(k)][key] for k in ks], marker="o", label=method_label(m))
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xlabel("top-k proponents")
             ax.set_title(f"Tail-patch: {title}")
@@ -359,24 +432,32 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path) -> Path:
     pngs = _plot(metrics, out)
     s = metrics.get("_settings") or {}
     tps = s.get("tailpatch") or {}
+    model = metrics.get("model") or {}
     lines = ["# tracestar evaluation", ""]
+    if model.get("accuracy_warning"):
+        lines += [f"> **Warning:** {model['accuracy_warning']}.", ""]
     if s:
+        acc_text = f" — first-token accuracy {_accuracy_text(model)}" if "first_token_accuracy" in model else ""
         lines += [f"- index: `{s.get('index')}` (preconditioner: {s.get('index_preconditioner')})",
-                  f"- model: `{s.get('model')}`", f"- queries: `{s.get('queries')}` — {s.get('n_queries')} queries, "
+                  f"- model: `{s.get('model')}`{acc_text}",
+                  f"- queries: `{s.get('queries')}` — {s.get('n_queries')} queries, "
                   f"{s.get('n_queries_with_relevant')} with ground-truth documents"]
         for name, path in (s.get("variants") or {}).items():
             lines.append(f"- variant `{name}`: `{path}`")
         lines.append("")
+    elif model:
+        lines += accuracy_lines(metrics)[:1] + [""]
     lines += ["## Results", "",
               "Attribution: MRR of the first document that states the fact; R@k = share of queries with one in the top k. "
               "Influence (tail-patch): mean increase of the target's log-probability (Δlogp) and probability (Δp) "
               "after one training step on a single proponent, averaged over the top-k proponents and the queries.", "",
-              format_table(metrics), ""]
+              method_table(metrics), ""]
     if tps:
         lines += [f"Tail-patch: one `{tps.get('optimizer')}` step (state: `{tps.get('optimizer_state')}`) at "
                   f"lr = {tps.get('lr'):g} on each proponent, dropout off, from the final checkpoint, restored "
                   f"between documents; {tps.get('n_queries')} queries (bucket-stratified sample), "
-                  f"{tps.get('seconds')} s. `relevant` = up to k of the ground-truth documents.", ""]
+                  f"{tps.get('seconds')} s. {method_label('relevant')} = up to k of the documents that state the fact "
+                  f"(the ground truth).", ""]
     if any("by_bucket" in metrics[m] for m in methods_of(metrics)):
         lines += ["## Attribution by bucket", "", format_bucket_table(metrics), ""]
     for p in pngs:
