@@ -154,6 +154,35 @@ def test_stream_sends_each_token_then_the_result(server):
     assert events[-1][0] == "error" and events[-1][1]["status"] == 422 and "do not fit" in events[-1][1]["error"]
 
 
+def test_stream_sends_tokens_while_the_trace_is_still_running(server, monkeypatch):
+    """The first token reaches the client while the rest of the trace is held back."""
+    import tracestar.trace as trace_mod
+
+    release = threading.Event()
+    released_by_the_client: list[bool] = []
+    original = trace_mod.explain_results
+
+    def held(*args, **kw):
+        released_by_the_client.append(release.wait(30))  # False: no token reached the client in time
+        return original(*args, **kw)
+
+    monkeypatch.setattr(trace_mod, "explain_results", held)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/api/trace/stream", body=json.dumps({"prompt": PROMPT, "max_new_tokens": 3}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    try:
+        assert resp.readline() == b"event: token\n"  # sent before the heat maps are computed
+        assert json.loads(resp.readline().removeprefix(b"data: "))["position"] == 0
+        assert not release.is_set()
+    finally:
+        release.set()
+    rest = resp.read().decode("utf-8")
+    conn.close()
+    assert "event: result" in rest and "event: error" not in rest
+    assert released_by_the_client == [True]
+
+
 def test_a_token_shows_its_own_proponents(server, engine):
     got = _post(server, "/api/trace", {"prompt": PROMPT, "max_new_tokens": 3, "top_k": 3})
     want = trace(engine.index, PROMPT, max_new_tokens=3, top_k=3, per_target_token=True, explain=False)
