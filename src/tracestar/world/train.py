@@ -199,6 +199,7 @@ def first_token_accuracy(model_dir_or_model: Any, tokenizer: Any, queries: Any, 
     if not pairs:
         return float("nan")
     window = model_window(model) or 1 << 30
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     by_length: dict[int, list[tuple[list[int], int]]] = {}
@@ -210,7 +211,8 @@ def first_token_accuracy(model_dir_or_model: Any, tokenizer: Any, queries: Any, 
     for group in by_length.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i: i + batch_size]
-            logits = model(input_ids=torch.tensor([p for p, _ in chunk])).logits[:, -1, :]  # [n, vocab]
+            ids = torch.tensor([p for p, _ in chunk], device=device)  # [n, prompt length]
+            logits = model(input_ids=ids).logits[:, -1, :]  # [n, vocab]
             guesses = logits.argmax(-1).tolist()
             correct += sum(int(g == t) for g, (_, t) in zip(guesses, chunk))
     model.train(was_training)
