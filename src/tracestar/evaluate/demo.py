@@ -39,6 +39,12 @@ DEMO_THREADS = 1
 EVAL_VERSION = 2
 
 
+def _model_window(model_dir: Path) -> int:
+    """The trained model's context length: the demo indexes whole documents at exactly that window."""
+    config = _read_json(Path(model_dir) / "config.json") or {}
+    return int(config.get("n_positions") or config.get("max_position_embeddings") or 512)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -132,7 +138,7 @@ def _run_demo(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, proj_dim
     manifest_path = index_dir / "manifest.json"
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
     kw = dict(eval_queries=str(paths.queries), preconditioner="mixed", optimizer_state=str(model_dir / "optimizer.pt"),
-              proj_dim=proj_dim, quiet=quiet)
+              proj_dim=proj_dim, max_length=_model_window(model_dir), quiet=quiet)
     if before is None:
         say(f"[3/4] index: TrackStar vectors (dim {proj_dim:,}, Adafactor correction, mixed R) ...")
     try:
