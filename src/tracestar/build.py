@@ -13,6 +13,10 @@ Every shard gets a small sidecar JSON (`shard-NNNNN.json`) written after the `.n
 sha256: a rerun skips shards whose bytes still match, so a killed build resumes to the same bytes.
 `refit` reuses phases 3–5 on another index's raw shards: a new R costs a pass over vectors, not
 over the model.
+
+Wall time per phase (load, V, corpus pass, R statistics, eigendecomposition, final vectors, writes;
+`PhaseTimer`) is printed at the end and recorded in the manifest as `timings`. A repair keeps the
+original build's `timings`, as it keeps `created`: the manifest describes the index, not the rerun.
 """
 
 from __future__ import annotations
@@ -155,16 +159,21 @@ class Tracer:
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
         self.pad = pad_id(self.tokenizer)
 
-    def normalizer(self, opts: BuildOptions, sample: list[Document] | None) -> Normalizer:
+    def normalizer(self, opts: BuildOptions, sample: list[Document] | None, progress=None) -> Normalizer:
+        """V: from the optimizer state, or estimated on `sample` (`progress(docs, tokens)` after each)."""
         if not opts.optimizer_correction:
             return identity(self.tracked)
         if opts.optimizer_state and sample is None:  # a sample means V is estimated even with a state
             return from_optimizer_state(opts.optimizer_state, self.model, self.tracked)
-        batches = (
-            collate([encode_document(self.tokenizer, d.text, i, opts.max_length)], self.pad).to(self.device)
-            for i, d in enumerate(sample or [])
-        )
-        return estimate(self.model, self.tracked, batches, forward_loss, reduce=dist.all_reduce_)
+
+        def batches():
+            for i, d in enumerate(sample or []):
+                batch = collate([encode_document(self.tokenizer, d.text, i, opts.max_length)], self.pad)
+                yield batch.to(self.device)
+                if progress is not None:  # resumed once `estimate` has run the batch
+                    progress(1, batch.n_tokens)
+
+        return estimate(self.model, self.tracked, batches(), forward_loss, reduce=dist.all_reduce_)
 
     def capture(self, blocks: list[Block], normalizer: Normalizer, seed: int, autocast: str | None = None) -> FactoredCapture:
         dtype = {None: None, "bfloat16": torch.bfloat16}[autocast]
@@ -295,10 +304,56 @@ def _loop_bars(opts: BuildOptions, unit: str = "block"):
     from tqdm.auto import tqdm
 
     def wrap(items, desc):
-        items = list(items)
-        return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True) if items else items
+        if not hasattr(items, "__len__"):
+            items = list(items)
+        # a lazy Sized (results computed as they are consumed) keeps its laziness: the bar moves and
+        # shows an ETA as each one arrives
+        return tqdm(items, total=len(items), desc=desc, unit=unit, dynamic_ncols=True) if len(items) else items
 
     return wrap
+
+
+class PhaseTimer:
+    """Wall seconds per build phase, exclusive of phases timed inside it (writes inside final vectors).
+
+    Printed at the end of a build and recorded in the manifest (`timings`), which says where a
+    build's time went: the corpus pass, or the fixed costs after it.
+    """
+
+    ORDER = ("load", "verify", "V", "corpus pass", "R statistics", "eigendecomposition", "final vectors", "writes")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # [start, seconds of phases nested inside]
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        self._stack.append([time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            start, inner = self._stack.pop()
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
+            if self._stack:
+                self._stack[-1][1] += elapsed
+
+    def snapshot(self) -> dict[str, float]:
+        """{phase: seconds} in pipeline order, rounded to 0.01 s, plus the total wall time so far."""
+        names = [n for n in self.ORDER if n in self.seconds] + sorted(set(self.seconds) - set(self.ORDER))
+        out = {n: round(self.seconds[n], 2) for n in names}
+        out["total"] = round(time.perf_counter() - self._start, 2)
+        return out
+
+    def line(self) -> str:
+        snap = self.snapshot()
+        total = snap.pop("total")
+        return "time: " + ", ".join(f"{n} {_seconds(v)}" for n, v in snap.items()) + f"; total {_seconds(total)}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 120 else f"{int(value // 60)} min {value % 60:02.0f} s"
 
 
 # --- the build ---------------------------------------------------------------------------------
@@ -395,35 +450,43 @@ def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, opti
     """
     opts = dataclasses.replace(options or BuildOptions(), **kw).resolved()
     corpus, out = Path(corpus), Path(out)
+    timer = PhaseTimer()
     dist.init_from_env(opts.device)
     # Everything the user can get wrong is checked before anything is written.
-    n_docs = validate_corpus(corpus, text_field=opts.text_field, id_field=opts.id_field)
-    queries = read_queries(opts.eval_queries) if opts.eval_queries else None
-    tracer = Tracer(model_dir, opts.device)
-    opts, requested = clamp_to_window(opts, tracer.window)
-    blocks = _layout(tracer, opts)
-    stated = _stated_v(tracer, opts)  # --optimizer-state is read, mapped and shape-checked before anything is written
+    with timer.phase("load"):
+        n_docs = validate_corpus(corpus, text_field=opts.text_field, id_field=opts.id_field)
+        queries = read_queries(opts.eval_queries) if opts.eval_queries else None
+        tracer = Tracer(model_dir, opts.device)
+        opts, requested = clamp_to_window(opts, tracer.window)
+        blocks = _layout(tracer, opts)
+    with timer.phase("V"):
+        stated = _stated_v(tracer, opts)  # --optimizer-state is read, mapped and shape-checked before anything is written
     if queries:
         encode_queries(tracer.tokenizer, queries, opts.max_length)  # a target too long for the window
     identity = {**opts.identity(), "model_fingerprint": tracer.fingerprint, "corpus": _corpus_identity(corpus)}
     with _undo_on_failure(out, opts.overwrite, lambda: _any_sidecar(out, "raw")):
-        state = _prepare_dir(out, identity, opts.overwrite)
-        repair = None
-        if state == "built":
-            repair = _start_repair(out, opts)
-            if repair is None:
-                return out
+        with timer.phase("verify"):
+            state = _prepare_dir(out, identity, opts.overwrite)
+            repair = None
+            if state == "built":
+                repair = _start_repair(out, opts)
+                if repair is None:
+                    return out
         if requested != opts.max_length:
             _say(opts, f"--max-length {requested} is longer than the model's window of {opts.max_length} positions; "
                        f"documents are truncated at {opts.max_length} tokens")
-        normalizer = _normalizer(tracer, corpus, n_docs, opts, out, stated)
+        with timer.phase("V"):
+            normalizer = _normalizer(tracer, corpus, n_docs, opts, out, stated)
         capture = tracer.capture(blocks, normalizer, opts.seed, opts.autocast)
         _say(opts, f"tracking {len(tracer.tracked)} matrices, {tracer.coverage['share']:.2%} of {tracer.coverage['n_params']:,} parameters; dim {capture.dim:,} in {len(blocks)} blocks")
-        raw_done = _raw_phase(tracer, capture, corpus, n_docs, opts, out)
+        with timer.phase("corpus pass"):
+            raw_done = _raw_phase(tracer, capture, corpus, n_docs, opts, out)
         base = _base_manifest(tracer, corpus, blocks, normalizer, opts, n_docs, requested)
-        summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=repair)
+        summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=repair,
+                           timer=timer)
     if repair is not None:
         _say(opts, f"{out}: repaired: {_describe_work(raw_done, summary)}")
+    _say(opts, timer.line())
     return out
 
 
@@ -467,7 +530,14 @@ def _normalizer(tracer: Tracer, corpus: Path, n_docs: int, opts: BuildOptions, o
         ]
         why = f"no second moment in the {stated.optimizer} state" if isinstance(stated, NoSecondMoment) else "no optimizer state"
         _say(opts, f"{why}: estimating V from the mean squared gradient of {len(rows)} documents")
-    normalizer = stated if isinstance(stated, Normalizer) else tracer.normalizer(opts, sample)
+    if isinstance(stated, Normalizer):
+        normalizer = stated
+    else:
+        update, close = _progress(len(sample or []), opts.quiet, "V: mean squared gradient")
+        try:
+            normalizer = tracer.normalizer(opts, sample, update)
+        finally:
+            close()
     if isinstance(stated, NoSecondMoment):
         normalizer.details.update({"optimizer_state": stated.source, "optimizer": stated.optimizer,
                                    "mapping": stated.mapping, "v_missing": "estimated"})
@@ -565,33 +635,37 @@ def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer
 
 
 def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] | None, query_capture, tracer,
-             previous: dict | None = None) -> dict:
+             previous: dict | None = None, timer: PhaseTimer | None = None) -> dict:
     """Fit R on `out`'s raw shards (and the eval queries), write final vectors and the manifest.
 
-    `previous`: the manifest being repaired (its creation time and still-valid compressed forms
-    carry over). Returns what was done: {"r_refit": bool, "vectors": [shard numbers written]}.
+    `previous`: the manifest being repaired (its creation time, still-valid compressed forms and
+    timings carry over). `timer`: the build's phase timer (a new one if None). Returns what was
+    done: {"r_refit": bool, "vectors": [shard numbers written]}.
     """
+    timer = timer or PhaseTimer()
     n_docs, dim = base["n_docs"], base["dim"]
     blocks = [Block.from_json(b) for b in base["projection"]["blocks"]]
     n_shards = -(-n_docs // opts.shard_docs)
-    precond, r_refit = _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer)
+    precond, r_refit = _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer, timer)
     precond_sha = store.sha256_file(out / "preconditioner.safetensors")
     todo = [s for s in range(n_shards) if _mine(s) and not _done(out, "vectors", s, {"preconditioner": precond_sha})]
     update, close = _progress(sum(_rows_of(s, n_docs, opts.shard_docs) for s in todo), opts.quiet, "final vectors")
     try:
-        for shard_no in todo:
-            _clear_partial(out, "vectors", shard_no)
-            raw = torch.from_numpy(np.load(store.shard_path(out, "raw", shard_no)))
-            final = finalize_vectors(raw, precond, opts.unit_norm).numpy()
-            sha = store.write_shard(out, "vectors", shard_no, store.encode_dtype(final, opts.dtype))
-            store.write_json(_sidecar(out, "vectors", shard_no), {"sha256": sha, "preconditioner": precond_sha})
-            if update is not None:
-                update(raw.shape[0])
+        with timer.phase("final vectors"):
+            for shard_no in todo:
+                _clear_partial(out, "vectors", shard_no)
+                raw = torch.from_numpy(np.load(store.shard_path(out, "raw", shard_no)))
+                final = finalize_vectors(raw, precond, opts.unit_norm).numpy()
+                with timer.phase("writes"):
+                    sha = store.write_shard(out, "vectors", shard_no, store.encode_dtype(final, opts.dtype))
+                    store.write_json(_sidecar(out, "vectors", shard_no), {"sha256": sha, "preconditioner": precond_sha})
+                if update is not None:
+                    update(raw.shape[0])
     finally:
         close()
     dist.barrier()
     if dist.rank() == 0:
-        _write_manifest(out, base, opts, precond, n_shards, previous)
+        _write_manifest(out, base, opts, precond, n_shards, previous, timer)
     dist.barrier()
     return {"r_refit": r_refit, "vectors": todo}
 
@@ -630,7 +704,8 @@ def _reusable_preconditioner(out: Path, inputs: str) -> Preconditioner | None:
         return None
 
 
-def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer) -> tuple[Preconditioner, bool]:
+def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query_capture, tracer,
+                        timer: PhaseTimer) -> tuple[Preconditioner, bool]:
     """(R^{-1/2}, whether it was fitted now): reused when its inputs are unchanged, else fitted."""
     path = out / "preconditioner.safetensors"
     kind = opts.preconditioner
@@ -642,31 +717,35 @@ def _fit_preconditioner(out, blocks, dim, n_docs, n_shards, opts, queries, query
     if reused:
         return Preconditioner.load(path, json.loads((out / "preconditioner.json").read_text())), False
     stats: dict[str, RStats] = {}
-    if kind != "none":
-        stats["train"] = _train_stats(out, ranges, sample, n_shards, opts)
-    if kind == "mixed":
-        mine = [q for i, q in enumerate(queries) if i % dist.world() == dist.rank()]
-        evals = RStats(ranges)
-        if mine:
-            update, close = _progress(len(mine), opts.quiet, "R_eval: eval-query gradients", unit="query")
-            try:
-                evals.update(torch.from_numpy(tracer.query_vectors(query_capture, mine, opts, update)))
-            finally:
-                close()
-        evals.all_reduce(dist.all_reduce_)
-        stats["eval"] = evals
+    with timer.phase("R statistics"):
+        if kind != "none":
+            stats["train"] = _train_stats(out, ranges, sample, n_shards, opts)
+        if kind == "mixed":
+            mine = [q for i, q in enumerate(queries) if i % dist.world() == dist.rank()]
+            evals = RStats(ranges)
+            if mine:
+                update, close = _progress(len(mine), opts.quiet, "R_eval: eval-query gradients", unit="query")
+                try:
+                    evals.update(torch.from_numpy(tracer.query_vectors(query_capture, mine, opts, update)))
+                finally:
+                    close()
+            evals.all_reduce(dist.all_reduce_)
+            stats["eval"] = evals
     if dist.rank() == 0:
-        precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping, dim=dim,
-                      progress=_loop_bars(opts))
+        with timer.phase("eigendecomposition"):
+            precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping, dim=dim,
+                          progress=_loop_bars(opts))
+        stats.clear()  # the sums are not stored (refit recomputes them from the raw shards)
         if kind == "mixed":
             precond.info["eval_queries"] = str(Path(opts.eval_queries).resolve())
-        precond.info["fit_docs"] = int(stats["train"].count) if "train" in stats else 0
+        precond.info["fit_docs"] = int(precond.info.get("train_count", 0))
         precond.info["r_block"] = opts.r_block
         precond.info["inputs_sha256"] = inputs
-        # The old description goes first: a description on disk always belongs to the matrices beside it.
-        (out / "preconditioner.json").unlink(missing_ok=True)
-        precond.save(path, stats)
-        store.write_json(out / "preconditioner.json", precond.to_json())
+        with timer.phase("writes"):
+            # The old description goes first: a description on disk always belongs to the matrices beside it.
+            (out / "preconditioner.json").unlink(missing_ok=True)
+            precond.save(path)
+            store.write_json(out / "preconditioner.json", precond.to_json())
         if kind == "mixed":
             _say(opts, f"mixed preconditioner: λ = {precond.lam:.4f} ({precond.info.get('lambda_source')})")
     dist.barrier()
@@ -705,8 +784,10 @@ def _checksummed_files(out: Path, n_shards: int) -> list[str]:
 
 
 def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Preconditioner, n_shards: int,
-                    previous: dict | None = None) -> None:
+                    previous: dict | None = None, timer: PhaseTimer | None = None) -> None:
     from tracestar.corpus import write_jsonl
+
+    timer = timer or PhaseTimer()
 
     shards: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
@@ -725,7 +806,9 @@ def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Precondi
                 counts["tokens"] += toks
                 counts["truncated"] += int(trunc)
 
-    write_jsonl(out / store.DOCS, doc_rows())
+    with timer.phase("writes"):
+        write_jsonl(out / store.DOCS, doc_rows())
+        checksums = {name: store.sha256_file(out / name) for name in _checksummed_files(out, n_shards)}
     n_tokens, n_truncated = counts["tokens"], counts["truncated"]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = {
@@ -740,8 +823,13 @@ def _write_manifest(out: Path, base: dict, opts: BuildOptions, precond: Precondi
         "world_size": dist.world(),
         "shards": shards,
         "files": {"normalizer": "normalizer.safetensors", "preconditioner": "preconditioner.safetensors", "docs": store.DOCS},
-        "checksums": {name: store.sha256_file(out / name) for name in _checksummed_files(out, n_shards)},
+        "checksums": checksums,
     }
+    # Wall seconds per phase of the build that wrote this index (not part of any checksum). A
+    # repair keeps the original's, so that the repaired manifest differs only by `repaired`.
+    timings = timer.snapshot() if previous is None else previous.get("timings")
+    if timings is not None:
+        manifest["timings"] = timings
     if previous is not None:
         manifest["repaired"] = now
         compressed = _surviving_compressed(previous, shards)
@@ -916,6 +1004,7 @@ def refit(
     The model runs only on the eval queries.
     """
     src, out = Path(index_dir), Path(out)
+    timer = PhaseTimer()
     manifest = store.read_manifest(src)
     if not (src / BUILD_FILE).is_file():
         raise IndexStoreError(f"{src}: no {BUILD_FILE} (the arguments it was built with), so it cannot be refitted")
@@ -935,7 +1024,8 @@ def refit(
     queries = read_queries(opts.eval_queries) if opts.eval_queries else None
     tracer = capture = None
     if opts.preconditioner == "mixed":
-        tracer = Tracer(model_dir or manifest["model"]["path"], opts.device)
+        with timer.phase("load"):
+            tracer = Tracer(model_dir or manifest["model"]["path"], opts.device)
         if tracer.fingerprint != manifest["model"]["fingerprint"]:
             raise UserError(f"{model_dir}: model fingerprint differs from the index's ({src}); refusing to mix them")
         encode_queries(tracer.tokenizer, queries, opts.max_length)  # a target too long for the window
@@ -945,23 +1035,26 @@ def refit(
     identity = {**opts.identity(), "model_fingerprint": manifest["model"]["fingerprint"], "corpus": prev["corpus"]}
     with _undo_on_failure(out, overwrite, lambda: _any_sidecar(out, "vectors")):
         previous = None
-        if _prepare_dir(out, identity, overwrite) == "built":
-            previous = _start_repair(out, opts)
-            if previous is None:
-                return out
-        if dist.rank() == 0:
-            raw_files = [f"raw/{p.name}" for p in sorted((src / "raw").iterdir()) if ".tmp-" not in p.name]
-            for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS, *raw_files]:
-                _link(src / rel, out / rel)
-            _verify_source_raw(src, out, manifest, opts)
-        dist.barrier()
+        with timer.phase("verify"):
+            if _prepare_dir(out, identity, overwrite) == "built":
+                previous = _start_repair(out, opts)
+                if previous is None:
+                    return out
+            if dist.rank() == 0:
+                raw_files = [f"raw/{p.name}" for p in sorted((src / "raw").iterdir()) if ".tmp-" not in p.name]
+                for rel in ["normalizer.safetensors", "normalizer.json", store.DOCS, *raw_files]:
+                    _link(src / rel, out / rel)
+                _verify_source_raw(src, out, manifest, opts)
+            dist.barrier()
         keys = ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer",
                 "optimizer_correction", "autocast", "max_length", "max_length_requested", "model_window", "shard_docs", "n_docs")
         base = {k: manifest[k] for k in keys if k in manifest}
         base["refit_from"] = str(src.resolve())
-        summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=previous)
+        summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=previous,
+                           timer=timer)
     if previous is not None:
         _say(opts, f"{out}: repaired: {_describe_work([], summary)}")
+    _say(opts, timer.line())
     return out
 
 
