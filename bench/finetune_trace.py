@@ -24,8 +24,8 @@ each step records its command and wall time in `DIR/steps.json`):
   against BM25 (no tail-patch: there is no training step to replay), and the top proponents of
   ("The capital of Japan is", " Tokyo").
 
-    python bench/finetune_trace.py --work ft-trace                       # ~25 min on 2 cores
-    python bench/finetune_trace.py --run pretrained --work pre-trace     # ~15 min
+    python bench/finetune_trace.py --work ft-trace --max-queries 24      # ~27 min on one busy core
+    python bench/finetune_trace.py --run pretrained --work pre-trace     # ~19 min
     python bench/finetune_trace.py --work ft-trace --proj-dim 65536      # README-sized vectors
 
 Every `tracestar` step runs as the command line a user would type (printed before it runs).
