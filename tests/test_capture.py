@@ -225,3 +225,100 @@ def test_fused_activations_swap_and_restore():
     with fused_activations(model) as n:
         assert n == len(acts) - 1 and acts[0].forward is wrapped
     assert acts[0].forward is wrapped
+
+
+def test_sites_reading_one_input_share_a_stacked_projection():
+    """q/k/v and gate/up read one tensor each: found before the first batch, projected together, and
+    the vectors equal those of one projection per site (the plain path, with no groups)."""
+    model = llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="module", dim=4096)  # a block per matrix: groups span blocks
+    batch = collate(_examples(), make_tokenizer().pad_token_id)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
+    grouped = cap.vectors(batch)
+    names = {frozenset(cap._sites[m][0].module_name.rsplit(".", 1)[1] for m in g.members) for g in cap._groups.values()}
+    assert names == {frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"})}
+    n_layers = model.config.num_hidden_layers
+    assert len({id(g) for g in cap._groups.values()}) == 2 * n_layers
+    plain = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
+    plain._groups = {}  # found, and none: one projection per site
+    want = plain.vectors(batch)
+    assert torch.allclose(grouped, want, rtol=1e-5, atol=1e-6 * want.abs().max())
+    # GPT-2 reads each input once (c_attn is one fused matrix): nothing to group
+    g2 = gpt2()
+    cap2 = FactoredCapture(g2, tracked_matrices(g2), make_layout(tracked_matrices(g2), dim=1024), identity(tracked_matrices(g2)), seed=0)
+    cap2.vectors(batch)
+    assert cap2._groups == {}
+
+
+def test_a_group_whose_input_differs_falls_back_to_its_own_projection(monkeypatch):
+    """The stacked projection is reused only for the very tensor it was made from."""
+    import tracestar.capture as capture_mod
+
+    model = llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="paper", dim=2048)
+    batch = collate(_examples(), make_tokenizer().pad_token_id)
+    want = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0).vectors(batch)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0)
+    cap._find_groups(batch)
+    calls = {"stacked": 0}
+    real = capture_mod._project
+
+    def counting(mat, x):
+        calls["stacked"] += mat.shape[0] > 32  # a stacked [Σk, n] matrix (each site's k is ≤ 32 here)
+        return real(mat, x)
+
+    monkeypatch.setattr(capture_mod, "_project", counting)
+    k_proj = next(site.module for site, _ in cap._sites if site.module_name.endswith("0.self_attn.k_proj"))
+    handle = k_proj.register_forward_pre_hook(lambda mod, args: (args[0].clone(),))  # k reads a copy of q's input
+    try:
+        got = cap.vectors(batch)
+    finally:
+        handle.remove()
+    assert calls["stacked"] == 2 * model.config.num_hidden_layers  # groups still stacked; k_proj went alone
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max())
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_fused_head_in_several_chunks(monkeypatch, autocast):
+    """The fused head gives the same vectors when its rows are split into many chunks."""
+    import tracestar.capture as capture_mod
+
+    model = llama()
+    tracked = tracked_matrices(model)
+    blocks = make_layout(tracked, kind="paper", dim=2048)
+    batch = collate(_examples(), make_tokenizer().pad_token_id)
+    cap = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0, autocast=autocast)
+    whole = cap.vectors(batch)
+    assert capture_mod._head_chunk(torch.device("cpu"), 49152) >= 256  # a large vocabulary is not cut into 21-row chunks
+    monkeypatch.setattr(capture_mod, "_head_chunk", lambda device, V: 3)
+    chunked = cap.vectors(batch)
+    tol = 1e-5 if autocast is None else 2e-2
+    assert torch.allclose(chunked, whole, rtol=tol, atol=tol * whole.abs().max())
+
+
+def test_estimated_v_is_the_mean_squared_gradient_fitted_by_row_and_column_means():
+    """`estimate` keeps only row and column sums of g²; its scales equal the dense definition's."""
+    from tracestar.normalizer import estimate, factored_scales
+
+    model = llama()
+    tracked = tracked_matrices(model)
+    tok = make_tokenizer()
+    batches = [collate([e], tok.pad_token_id) for e in _examples()]
+    got = estimate(model, tracked, batches, forward_loss)
+    dense = {t.name: torch.zeros(t.shape, dtype=torch.float64) for t in tracked}
+    for b in batches:  # the definition: V = mean over documents of the squared gradient
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.zero_grad()
+        forward_loss(model, b).sum().backward()
+        for t in tracked:
+            dense[t.name] += t.param.grad.double() ** 2 / len(batches)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for t in tracked:
+        want = factored_scales(dense[t.name].mean(dim=1), dense[t.name].mean(dim=0))
+        assert torch.allclose(got.scales[t.name].row, want.row, rtol=1e-5), t.name
+        assert torch.allclose(got.scales[t.name].col, want.col, rtol=1e-5), t.name
+    assert got.kind == "estimated"

@@ -12,6 +12,14 @@ lookup of L. A tied embedding / LM head uses one (L, R) pair, and both uses add 
 
 Parameters are frozen while capturing, so autograd computes only activation gradients: indexing
 costs less than a training step's backward.
+
+Sites that read the same input tensor (a Llama layer's q/k/v, its gate/up) are found once, by a
+gradient-free forward of two tokens before the first batch; then the first of them to run projects
+that input for all of them with their R matrices stacked, one [Σk, n] product instead of a skinny
+[k, n] product each. The input's identity is checked every time, so a model that does otherwise is
+only slower, never wrong, and every batch, first or not, is computed the same way (a resumed or
+multi-process build writes the same bytes). Every block's k × k sums go straight into its slice of
+one [B, D] output.
 """
 
 from __future__ import annotations
@@ -60,9 +68,12 @@ class FactoredCapture:
         self.dim = layout_dim(blocks)
         self.device = torch.device(device)
         # Optional mixed precision for the model's own forward/backward (e.g. torch.bfloat16 on a
-        # CPU with AVX512-BF16). Off by default: the exactness guarantees are for fp32. The
-        # projections and the per-example sums are always accumulated in fp32.
+        # CPU with AVX512-BF16). Off by default: the exactness guarantees are for fp32. Under it the
+        # projections run in that dtype too (as autocast would run them), with L and R stored in
+        # it once, so activations and δ are not copied to fp32 and back at every site; the
+        # products accumulate in fp32 inside BLAS and the per-example k × k sums are fp32.
         self.autocast = autocast
+        proj_dtype = autocast if autocast is not None else torch.float32
         block_of = {p: i for i, b in enumerate(blocks) for p in b.params}
         self.mats: dict[str, _SideMats] = {}
         for t in tracked:
@@ -72,11 +83,15 @@ class FactoredCapture:
             s = normalizer.scales[t.name]
             left = gaussian(seed, t.name, "L", k, a) * s.row[None, :].float()
             right = gaussian(seed, t.name, "R", k, b) * s.col[None, :].float()
-            self.mats[t.name] = _SideMats(left.to(self.device), right.to(self.device), bi)
+            self.mats[t.name] = _SideMats(left.to(self.device, proj_dtype), right.to(self.device, proj_dtype), bi)
         self._head = self._find_head()
         self._acc: list[torch.Tensor] | None = None
         self._token_acc: list[torch.Tensor] | None = None
         self._per_token = False
+        # Shared-input groups (see the module docstring): site number → the group it belongs to.
+        self._sites = [(site, self.mats[t.name]) for t in tracked for site in t.sites]
+        self._groups: dict[int, _InputGroup] | None = None  # None until `_find_groups` ran
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # site → (input, its projection)
 
     def _find_head(self):
         """(head module, its side matrices) when the LM head + loss can be fused, else None."""
@@ -95,15 +110,13 @@ class FactoredCapture:
 
     # --- hooks -------------------------------------------------------------------------------
 
-    def _forward_hook(self, site: Site, mats: _SideMats):
+    def _forward_hook(self, number: int, site: Site, mats: _SideMats):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             x = inputs[0]
             if site.kind == "embedding":
                 xp = nn.functional.embedding(x, mats.left.T)  # [B, T, k] = columns of L at the ids
-            elif site.kind == "conv1d":
-                xp = _project(mats.left, x)  # [B, T, k]
             else:
-                xp = _project(mats.right, x)  # [B, T, k]
+                xp = self._x_projection(number, x)  # [B, T, k]
             if not output.requires_grad:
                 output.requires_grad_(True)
             output.register_hook(self._grad_hook(site, mats, xp))
@@ -121,12 +134,63 @@ class FactoredCapture:
                 # [B, T, k, k] per-position contributions (explain.py); small inputs only
                 self._token_acc[mats.block] += left.unsqueeze(-1).float() * right.unsqueeze(-2).float()
             else:
-                # in place into the block's contiguous [B, k, k] accumulator: no temporary
+                # in place into the block's [B, k, k] slice of the output: no temporary
                 acc = self._acc[mats.block]
                 acc.baddbmm_(left.transpose(1, 2).to(acc.dtype), right.to(acc.dtype))
             return None
 
         return hook
+
+    def _x_projection(self, number: int, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, k] the input side of site `number`, from its group's stacked product when the
+        group's first site already projected this very tensor."""
+        hit = self._pending.pop(number, None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        group = (self._groups or {}).get(number)
+        if group is None or hit is not None:  # no group, or a sibling projected another tensor: alone
+            return _project(_x_side(*self._sites[number]), x)
+        parts = _project(group.stacked, x).split(group.sizes, dim=2)  # views of one [Σk, B·T] product
+        for member, part in zip(group.members, parts):
+            if member != number:
+                self._pending[member] = (x, part)
+        return parts[group.members.index(number)]
+
+    def _find_groups(self, batch: Batch) -> None:
+        """Which Linear / Conv1D sites read the same tensor: one gradient-free forward of the first
+        example's first two tokens, recording each site's input (stacked x-side R, module docstring)."""
+        if self._groups is not None:
+            return
+        seen: list[tuple[int, torch.Tensor]] = []  # holds every input, so no id() is reused meanwhile
+
+        def recorder(number: int):
+            def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+                seen.append((number, inputs[0]))
+
+            return hook
+
+        handles = [site.module.register_forward_hook(recorder(n))
+                   for n, (site, _) in enumerate(self._sites) if site.kind != "embedding"]
+        ids = batch.input_ids[:1, :2]
+        try:
+            with torch.no_grad(), fused_activations(self.model):
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        by_input: dict[int, list[int]] = {}
+        for number, x in seen:
+            by_input.setdefault(id(x), []).append(number)
+        groups: dict[int, _InputGroup] = {}
+        for members in by_input.values():
+            members = list(dict.fromkeys(members))  # a module called twice on one input is one member
+            if len(members) < 2:
+                continue
+            mats = [_x_side(*self._sites[m]) for m in members]
+            group = _InputGroup(members, [m.shape[0] for m in mats], torch.cat(mats, dim=0))
+            groups.update({m: group for m in members})
+        self._groups = groups
 
     @contextmanager
     def _hooked(self):
@@ -135,9 +199,8 @@ class FactoredCapture:
         for p in self.model.parameters():
             p.requires_grad_(False)
         try:
-            for t in self.tracked:
-                for site in t.sites:
-                    handles.append(site.module.register_forward_hook(self._forward_hook(site, self.mats[t.name])))
+            for number, (site, mats) in enumerate(self._sites):
+                handles.append(site.module.register_forward_hook(self._forward_hook(number, site, mats)))
             with fused_activations(self.model):
                 yield
         finally:
@@ -145,6 +208,7 @@ class FactoredCapture:
                 h.remove()
             for p, flag in saved:
                 p.requires_grad_(flag)
+            self._pending.clear()
 
     def _autocast(self):
         if self.autocast is None:
@@ -157,17 +221,25 @@ class FactoredCapture:
         """[B, D] corrected, projected per-example gradients (before R and normalization)."""
         batch = batch.to(self.device)
         B = batch.input_ids.shape[0]
-        self._acc = [torch.zeros(B, b.k, b.k, device=self.device) for b in self.blocks]
+        self._find_groups(batch)
+        out = torch.zeros(B, self.dim, device=self.device)  # [B, D]; each block sums into its slice
+        self._acc = [out[:, b.offset : b.offset + b.size].view(B, b.k, b.k) for b in self.blocks]
         self._per_token = False
-        with self._hooked(), self._autocast():
-            if self._head is None:
-                loss = forward_loss(self.model, batch)  # [B]
-            else:
-                loss = self._fused_loss(batch)  # [B], the head's block filled in during backward
-            loss.sum().backward()
-        out = torch.cat([a.reshape(B, -1) for a in self._acc], dim=1)  # [B, D]
-        self._acc = None
+        try:
+            with self._hooked(), self._autocast():
+                if self._head is None:
+                    loss = forward_loss(self.model, batch)  # [B]
+                else:
+                    loss = self._fused_loss(batch)  # [B], the head's block filled in during backward
+                self._end_forward()
+                loss.sum().backward()
+        finally:
+            self._acc = None
         return out
+
+    def _end_forward(self) -> None:
+        """After the forward: a projection that no site asked for is not kept through the backward."""
+        self._pending.clear()
 
     def _fused_loss(self, batch: Batch) -> torch.Tensor:
         """[B] the same loss as `forward_loss`, with the LM head fused with the loss."""
@@ -181,16 +253,32 @@ class FactoredCapture:
         """
         batch = batch.to(self.device)
         B, T = batch.input_ids.shape
+        self._find_groups(batch)
         self._token_acc = [torch.zeros(B, T, b.k, b.k, device=self.device) for b in self.blocks]
         self._per_token = True
         try:
             with self._hooked(), self._autocast():
                 loss = forward_loss(self.model, batch)
+                self._end_forward()
                 loss.sum().backward()
             return torch.cat([a.reshape(B, T, -1) for a in self._token_acc], dim=2)
         finally:
             self._per_token = False
             self._token_acc = None
+
+
+@dataclass
+class _InputGroup:
+    """Sites that read one input tensor: their x-side matrices stacked, [Σ sizes, n]."""
+
+    members: list[int]
+    sizes: list[int]
+    stacked: torch.Tensor
+
+
+def _x_side(site: Site, mats: _SideMats) -> torch.Tensor:
+    """[k, n] the matrix that projects what a site reads: R·D_c for a Linear, L·D_r for a Conv1D."""
+    return mats.left if site.kind == "conv1d" else mats.right
 
 
 def _project(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -202,17 +290,24 @@ def _project(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     B, T, n = x.shape
     k = mat.shape[0]
-    flat = x.reshape(B * T, n).to(mat.dtype)
+    flat = x.reshape(B * T, n).to(mat.dtype)  # a no-op for fp32, and for bf16 activations under autocast
     return (mat @ flat.T).view(k, B, T).permute(1, 2, 0)  # [B, T, k], strides (T, 1, B·T)
 
 
 # --- the LM head and the loss, fused ----------------------------------------------------------
 
 
+#: Fewest rows per chunk of the fused head. Every chunk streams the whole [V, d] head through
+#: three products; at a 49,152-token vocabulary a cache-sized chunk (21 rows) made that stream,
+#: not the arithmetic, the cost: 256 rows ran the head 2.8× faster on a 2-core CPU.
+_HEAD_MIN_ROWS = 256
+
+
 def _head_chunk(device: torch.device, V: int) -> int:
-    """Rows of logits per chunk: cache-sized on a CPU, large on an accelerator."""
+    """Rows of logits per chunk: cache-sized on a CPU (but at least `_HEAD_MIN_ROWS`, so that a
+    large vocabulary's head is read once per many rows), large on an accelerator."""
     elements = (1 << 20) if device.type == "cpu" else (1 << 26)
-    return max(8, elements // max(1, V))
+    return max(_HEAD_MIN_ROWS, elements // max(1, V))
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -241,20 +336,28 @@ class _FusedHeadLoss(torch.autograd.Function):
         loss_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
         step = _head_chunk(hidden.device, V)
         unit = bool((w.index_select(0, rows) == 1).all())  # the usual 0/1 loss mask: no scaling
-        for s in range(0, rows.numel(), step):
-            r = rows[s : s + step]
-            z = (h.index_select(0, r) @ W.T).float()  # [n, V] logits
-            logp = torch.log_softmax(z, dim=1)
-            del z
-            gr = g.index_select(0, r).unsqueeze(1)
-            wr = w.index_select(0, r).unsqueeze(1).float()
-            loss_tok.index_copy_(0, r, (logp.gather(1, gr) * wr).squeeze(1).neg_())
-            p = logp.exp_()  # softmax, in place
-            p.scatter_add_(1, gr, torch.full_like(wr, -1.0))  # softmax − onehot
-            if not unit:
-                p.mul_(wr)  # δ
-            dh.index_copy_(0, r, (p.to(W.dtype) @ W).to(dh.dtype))
-            dp_t.index_copy_(1, r, (mats.left @ p.T).float())
+        # The products run in the autocast dtype when autocast is on, with operands cast once here
+        # rather than by autocast in every chunk (the [V, d] head alone is 28M elements at SmolLM2).
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
+        Wc, hc, left = W.to(dtype), h.to(dtype), mats.left.to(dtype)  # L is already in it
+        with torch.autocast(dev, enabled=False):
+            for s in range(0, rows.numel(), step):
+                r = rows[s : s + step]
+                z = (hc.index_select(0, r) @ Wc.T).float()  # [n, V] logits
+                logp = torch.log_softmax(z, dim=1)
+                del z
+                gr = g.index_select(0, r).unsqueeze(1)
+                wr = w.index_select(0, r).unsqueeze(1).float()
+                loss_tok.index_copy_(0, r, (logp.gather(1, gr) * wr).squeeze(1).neg_())
+                p = logp.exp_()  # softmax, in place
+                p.scatter_add_(1, gr, torch.full_like(wr, -1.0))  # softmax − onehot
+                if not unit:
+                    p.mul_(wr)  # δ
+                pc = p.to(dtype)
+                del logp, p
+                dh.index_copy_(0, r, (pc @ Wc).to(dh.dtype))
+                dp_t.index_copy_(1, r, (left @ pc.T).float())
         xp = _project(mats.right, hidden)  # [B, T, k] the head's input side
         ctx.capture, ctx.mats, ctx.shape = capture, mats, (B, T, k)
         ctx.save_for_backward(dh, dp_t, xp)
