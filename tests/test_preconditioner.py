@@ -94,3 +94,41 @@ def test_mixing_downweights_a_shared_template_direction():
         assert mixed[i].argmax() == 1 + i  # mixed R: the query-specific document wins
         assert mixed[i, 0] < plain[i, 0] / 2  # the template's share of the score dropped
     assert (trained[:, 0] > trained[torch.arange(n_q), 1 + torch.arange(n_q)]).all()  # R_train alone does not see the template
+
+
+def test_saved_file_holds_r_inverse_sqrt_only_and_older_files_with_sums_still_load(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tracestar.preconditioner import Preconditioner
+
+    gen = torch.Generator().manual_seed(3)
+    stats = RStats([(0, 6), (6, 10)])
+    stats.update(torch.randn(50, 10, generator=gen))
+    pre = fit("train", stats, damping=0.1)
+    pre.save(tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as fh:
+        assert sorted(fh.keys()) == ["r0.inv_sqrt", "r1.inv_sqrt", "ranges"]
+    # the layout earlier versions wrote: the same, plus each range's float64 sum and the count
+    old = {f"r{i}.inv_sqrt": m for i, m in enumerate(pre.mats)}
+    old["ranges"] = torch.tensor(pre.ranges, dtype=torch.int64)
+    old.update({f"train.r{i}.sum": s.double() for i, s in enumerate(stats.sums)})
+    old["train.count"] = stats.count.reshape(1)
+    save_file(old, str(tmp_path / "old.safetensors"))
+    for name in ("new", "old"):
+        back = Preconditioner.load(tmp_path / f"{name}.safetensors", pre.to_json())
+        assert back.ranges == pre.ranges and all(torch.equal(a, b) for a, b in zip(back.mats, pre.mats))
+
+
+def test_eigendecompositions_in_threads_equal_one_at_a_time():
+    """`threaded_map` keeps order, and restores torch's thread count."""
+    from tracestar.preconditioner import threaded_map
+
+    gen = torch.Generator().manual_seed(4)
+    mats = [(lambda x: x.T @ x)(torch.randn(40, 30, generator=gen, dtype=torch.float64)) for _ in range(5)]
+    threads = torch.get_num_threads()
+    seen = []
+    got = threaded_map(lambda m: inv_sqrt(m, 0.1), mats, lambda items, desc: seen.append(len(items)) or items, "x")
+    assert seen == [5] and torch.get_num_threads() == threads
+    for g, m in zip(got, mats):
+        assert torch.allclose(g, inv_sqrt(m, 0.1), atol=1e-6)

@@ -20,7 +20,8 @@ matters, and float32 would leave ~1e-3 there). They run one per thread with one 
 each, as many at once as torch has threads: a multi-threaded float64 `eigh` of this size ran 10×
 slower than a single-threaded one on a busy 2-core machine, and the ranges are independent.
 Nothing but R^{-1/2} is written: the statistics can always be recomputed from the raw shards (that
-is what `refit` does), and storing them cost 2× the bytes of the vectors.
+is what `refit` does), and storing them took 1.9 GB beside 0.54 GB of vectors (the demo world,
+mixed R, 2^16).
 """
 
 from __future__ import annotations
@@ -206,11 +207,11 @@ class Preconditioner:
     def load(path: str | Path, info: dict) -> "Preconditioner":
         if info.get("kind", "none") == "none":
             return Preconditioner("none")
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        t = load_file(str(path))
-        ranges = [tuple(int(x) for x in row) for row in t["ranges"].tolist()]
-        mats = [t[f"r{i}.inv_sqrt"] for i in range(len(ranges))]
+        with safe_open(str(path), framework="pt") as fh:  # only R^{-1/2}: older files also hold the sums
+            ranges = [tuple(int(x) for x in row) for row in fh.get_tensor("ranges").tolist()]
+            mats = [fh.get_tensor(f"r{i}.inv_sqrt") for i in range(len(ranges))]
         extra = {k: v for k, v in info.items() if k not in ("kind", "lambda", "damping", "n_ranges")}
         return Preconditioner(info["kind"], ranges, mats, info.get("lambda"), info.get("damping", DEFAULT_DAMPING), extra)
 
