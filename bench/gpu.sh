@@ -10,6 +10,9 @@ if [ "$(python -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null)"
   echo "bench/gpu.sh: no CUDA GPU, skipped"
   exit 0
 fi
+# SmolLM2-135M's shape (random weights, 300 short documents): fp32 and bf16 autocast
+python bench/index_throughput.py --arch llama --preset smollm2 --device cuda --proj-dim 65536 --docs 300 \
+  --min-len 16 --max-len 48 --rounds "${ROUNDS:-2}" --autocast none,bfloat16 --no-memory
 exec python bench/index_throughput.py --arch llama --preset 8b --device cuda --dtype bfloat16 \
   --proj-dim 65536 --docs "${DOCS:-256}" --rounds "${ROUNDS:-2}" --batch-tokens "${BATCH_TOKENS:-8192}" \
   --max-len "${MAX_LEN:-1024}" --no-memory "$@"
