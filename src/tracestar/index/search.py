@@ -41,6 +41,7 @@ import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -381,24 +382,33 @@ def _approx_lists(
     chunk_rows: int | None, verify: bool,
 ) -> tuple[list[_RunningTopK], float]:
     """One pass of stored-dtype matmuls: approximate top-m lists of s and of −s, and a bound of ‖x‖."""
-    stored = stored_dtype_of(store, kind)
     lists = [_RunningTopK(q.shape[0], m), _RunningTopK(q.shape[0], m)]
-    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, _ITEMSIZE[stored])
     xn_max = 0.0
+    for first_row, _, xc, s in _scored_chunks(store, q, shard_nos, bounds, kind=kind, chunk_rows=chunk_rows, verify=verify):
+        xn_max = max(xn_max, bounds.norm_bound(xc))
+        for lst, sc in ((lists[0], s), (lists[1], -s)):
+            _merge_above_threshold(lst, sc, first_row)
+    return lists, xn_max
+
+
+def _scored_chunks(
+    store: IndexStore, q: np.ndarray, shard_nos: list[int], bounds: _Bounds, *, kind: str,
+    chunk_rows: int | None, verify: bool,
+) -> Iterator[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """The one streaming loop of both scans: per chunk of each shard, in row order, its first row,
+    its stored rows, their tensor and the [Q, C] approximate stored-dtype scores."""
+    stored = stored_dtype_of(store, kind)
+    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, _ITEMSIZE[stored])
     for shard_no in shard_nos:
         start = int(store.shards[shard_no]["start"])
         block = store.load_shard(kind, shard_no, verify=verify)
-        n = block.shape[0]
-        for lo in range(0, n, rows_per_chunk):
-            hi = min(n, lo + rows_per_chunk)
-            xc = _as_tensor(block[lo:hi], stored)
-            s = _chunk_scores(bounds.q_low, xc)
+        for lo in range(0, block.shape[0], rows_per_chunk):
+            rows = block[lo : lo + rows_per_chunk]
+            xc = _as_tensor(rows, stored)
+            s = _chunk_scores(bounds.q_low, xc)  # [Q, C] approximate
             if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): fp32 scores, within the bound
                 s = torch.mm(torch.from_numpy(q), xc.float().T)
-            xn_max = max(xn_max, bounds.norm_bound(xc))
-            for lst, sc in ((lists[0], s), (lists[1], -s)):
-                _merge_above_threshold(lst, sc, start + lo)
-    return lists, xn_max
+            yield start + lo, rows, xc, s
 
 
 def _scan(
@@ -546,40 +556,28 @@ def _scan_inline(
     props, opps = _RunningTopK(n_q, k, "asc"), _RunningTopK(n_q, k, "desc")
     if k == 0 or n_q == 0:
         return props, opps
-    q32 = torch.from_numpy(q)
     bounds = _Bounds.of(store, kind, q)
-    rows_per_chunk = chunk_rows or _default_chunk_rows(store.dim, _ITEMSIZE[stored])
     neg_inf = torch.tensor(-float("inf"))
-
-    for shard_no in shard_nos:
-        start = int(store.shards[shard_no]["start"])
-        block = store.load_shard(kind, shard_no, verify=verify)
-        n = block.shape[0]
-        for lo in range(0, n, rows_per_chunk):
-            hi = min(n, lo + rows_per_chunk)
-            xc = _as_tensor(block[lo:hi], stored)
-            s = _chunk_scores(bounds.q_low, xc)  # [Q, C] approximate
-            if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): fp32 scores, within the bound
-                s = torch.mm(q32, xc.float().T)
-            xn = bounds.norm_bound(xc)
-            lower, upper = bounds.interval(s, xn)
-            kk = min(k, hi - lo)
-            # proponents (s) and opponents (−s, whose bounds are −upper, −lower): a row can enter a
-            # list, or tie its k-th, only if its upper bound reaches both bars
-            bar_p = torch.maximum(torch.topk(lower, kk, dim=1).values[:, -1], props.threshold())
-            keep_p = upper >= bar_p.unsqueeze(1)
-            bar_o = torch.maximum(torch.topk(-upper, kk, dim=1).values[:, -1], opps.threshold())
-            keep_o = -lower >= bar_o.unsqueeze(1)
-            cols = torch.nonzero((keep_p | keep_o).any(dim=0)).squeeze(1)
-            if cols.numel() == 0:
-                continue
-            keep_p, keep_o = keep_p[:, cols], keep_o[:, cols]
-            x = _decoded(block[lo:hi][cols.numpy()], stored)
-            ex = _masked_canonical(q, x, keep_p | keep_o, xn)  # [Q, c]
-            rows = (cols + (start + lo)).unsqueeze(0).expand(n_q, -1)
-            none = torch.full_like(rows, -1)
-            props.merge(torch.where(keep_p, ex, neg_inf), torch.where(keep_p, rows, none))
-            opps.merge(torch.where(keep_o, -ex, neg_inf), torch.where(keep_o, rows, none))
+    for first_row, chunk, xc, s in _scored_chunks(store, q, shard_nos, bounds, kind=kind, chunk_rows=chunk_rows, verify=verify):
+        xn = bounds.norm_bound(xc)
+        lower, upper = bounds.interval(s, xn)
+        kk = min(k, chunk.shape[0])
+        # proponents (s) and opponents (−s, whose bounds are −upper, −lower): a row can enter a
+        # list, or tie its k-th, only if its upper bound reaches both bars
+        bar_p = torch.maximum(torch.topk(lower, kk, dim=1).values[:, -1], props.threshold())
+        keep_p = upper >= bar_p.unsqueeze(1)
+        bar_o = torch.maximum(torch.topk(-upper, kk, dim=1).values[:, -1], opps.threshold())
+        keep_o = -lower >= bar_o.unsqueeze(1)
+        cols = torch.nonzero((keep_p | keep_o).any(dim=0)).squeeze(1)
+        if cols.numel() == 0:
+            continue
+        keep_p, keep_o = keep_p[:, cols], keep_o[:, cols]
+        x = _decoded(chunk[cols.numpy()], stored)
+        ex = _masked_canonical(q, x, keep_p | keep_o, xn)  # [Q, c]
+        rows = (cols + first_row).unsqueeze(0).expand(n_q, -1)
+        none = torch.full_like(rows, -1)
+        props.merge(torch.where(keep_p, ex, neg_inf), torch.where(keep_p, rows, none))
+        opps.merge(torch.where(keep_o, -ex, neg_inf), torch.where(keep_o, rows, none))
     return props, opps
 
 
