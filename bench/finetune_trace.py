@@ -194,12 +194,18 @@ def null_step(checkpoint: str | Path, queries: str | Path, max_queries: int | No
 # --- the two runs -------------------------------------------------------------------------------
 
 
-def run_finetune(args) -> dict[str, Any]:
+def _start(args) -> tuple[Path, "Steps", Path]:
+    """What both runs begin with: the work directory, its step cache, and the SmolLM2 directory."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps(work, quiet=args.quiet)
     base = Path(args.smollm2 or work / "smollm2")
     steps.run("smollm2", {"out": str(base)}, lambda: str(ensure_smollm2(base, quiet=args.quiet)))
+    return work, steps, base
+
+
+def run_finetune(args) -> dict[str, Any]:
+    work, steps, base = _start(args)
     world = work / "world"
     wkey = {"seed": args.seed, "countries": args.countries, "cities": args.cities}
     steps.run("world", wkey, lambda: {k: str(v) for k, v in write_invented_world(
@@ -273,11 +279,7 @@ def pretrained_world(out_dir: Path, model_dir: str | Path, *, countries: int, se
 
 
 def run_pretrained(args) -> dict[str, Any]:
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(work, quiet=args.quiet)
-    base = Path(args.smollm2 or work / "smollm2")
-    steps.run("smollm2", {"out": str(base)}, lambda: str(ensure_smollm2(base, quiet=args.quiet)))
+    work, steps, base = _start(args)
     world = work / "world"
     wkey = {"countries": args.countries, "seed": args.seed, "known_only": True}
     info = steps.run("world", wkey, lambda: pretrained_world(world, base, countries=args.countries, seed=args.seed))
