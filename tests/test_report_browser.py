@@ -15,7 +15,9 @@ import struct
 import sys
 import types
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -345,8 +347,9 @@ def _chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture()
-def page(report):
+@contextmanager
+def headless_chromium() -> Iterator:
+    """Debian's Chromium through Playwright (never a browser download); skips when either is missing."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     exe = _chromium_path()
     if exe is None:
@@ -354,17 +357,23 @@ def page(report):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, args=_CHROMIUM_ARGS)
         try:
-            pg = browser.new_page(viewport={"width": 1366, "height": 768})
-            errors: list[str] = []
-            pg.on("pageerror", lambda exc: errors.append(str(exc)))
-            requests: list[str] = []
-            pg.on("request", lambda req: requests.append(req.url))
-            pg.goto(report.as_uri())
-            pg.wait_for_load_state("load")
-            pg.errors, pg.requests = errors, requests
-            yield pg
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture()
+def page(report):
+    with headless_chromium() as browser:
+        pg = browser.new_page(viewport={"width": 1366, "height": 768})
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        requests: list[str] = []
+        pg.on("request", lambda req: requests.append(req.url))
+        pg.goto(report.as_uri())
+        pg.wait_for_load_state("load")
+        pg.errors, pg.requests = errors, requests
+        yield pg
 
 
 def _section(pg, query_id: str):

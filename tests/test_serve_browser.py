@@ -353,18 +353,10 @@ def test_too_many_waiting_requests_are_refused_at_once(engine, monkeypatch):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
-    from test_report_browser import _CHROMIUM_ARGS, _chromium_path
+    from test_report_browser import headless_chromium
 
-    exe = _chromium_path()
-    if exe is None:
-        pytest.skip("no Chromium found (/usr/bin/chromium); install it with `apt-get install -y chromium`")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=_CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with headless_chromium() as b:
+        yield b
 
 
 @pytest.fixture()
