@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from tracestar.api import build_index
-from tracestar.build import VARIANTS
+from tracestar.options import VARIANTS
 from tracestar.evaluate.run import evaluate, format_table
 
 
