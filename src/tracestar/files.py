@@ -1,0 +1,120 @@
+"""Writing files so that a reader sees the old file or the new one, never half of one; sha256 of a file.
+
+Every module that writes (index shards and sidecars, manifests, V and R, doc tables, results,
+training logs, metrics) goes through `replacing`: the bytes go to a temporary name beside the
+target (`<name>.tmp-<pid>`, the one convention, so a resumed build can find and clear what a
+killed writer left), are synced to disk, and are renamed over the target in one `os.replace`.
+A writer that raises removes its temporary file, so an error leaves nothing half-written behind.
+
+`before_replace` is the one seam for simulating faults (a full disk, a kill between write and
+rename): tests set it to a function of (temporary path, target) that raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+#: The marker in every temporary name: `<name>.tmp-<pid>`.
+TMP_MARK = ".tmp-"
+
+
+def _no_fault(tmp: Path, target: Path) -> None:
+    return None
+
+
+#: Called with (temporary path, target) after the bytes are synced and before the rename.
+#: Tests replace it to inject a fault; whatever it raises propagates after the temp is removed.
+before_replace: Callable[[Path, Path], None] = _no_fault
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (one name per process)."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is synced and renamed over `path`.
+
+    For writers that take a file name (safetensors, faiss). On any exception the temporary
+    file is removed and `path` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        before_replace(tmp, target)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """An open file whose contents replace `path` when the block ends without an error.
+
+    Text modes write UTF-8 with "\\n" line ends on every platform, so equal inputs give equal bytes.
+    """
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+    with replacing(path) as tmp, open(tmp, mode, **text) as fh:
+        yield fh
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def write_json(path: str | Path, obj: Any, *, ensure_ascii: bool = True) -> None:
+    """Indented JSON and a final newline (the layout of every JSON file tracestar writes)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=ensure_ascii) + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """One JSON object per line, non-ASCII kept as is; `records` may be a generator (streamed)."""
+    with atomic_open(path, "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> str:
+    """One `.npy` (no pickles); returns its sha256, which callers record as a checksum."""
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+    return sha256_file(path)
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """`tensors` ({name: torch.Tensor}) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks (memory independent of its size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
