@@ -8,10 +8,14 @@ line and exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
+from typing import Iterable, Mapping
 
 from tracestar.errors import UserError
+from tracestar.options import BuildOptions
 
 
 DESCRIPTION = """\
@@ -41,6 +45,32 @@ def _build_parser() -> argparse.ArgumentParser:
     for add in _COMMANDS:
         add(sub)
     return parser
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: type, names: Iterable[str], *,
+                help: Mapping[str, str | None] | None = None, inherit_defaults: bool = True) -> None:
+    """One option per dataclass field in `names`, from the field's type, default and metadata.
+
+    The help text and argparse extras (`flag`, `choices`) live on the field (`tracestar.options`),
+    so a default is written once. A bool that defaults to True becomes `--no-<name>`; `help`
+    replaces a field's text; without `inherit_defaults` every option defaults to None (a command
+    that falls back to values recorded elsewhere, as `refit` does to the source index's).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in names:
+        meta = fields[name].metadata
+        text = (help or {}).get(name) or meta["help"]
+        default = fields[name].default
+        flag = meta.get("flag", "--" + name.replace("_", "-"))
+        if hints[name] is bool:
+            on = bool(default)  # on by default: the flag turns it off
+            p.add_argument("--no-" + flag[2:] if on else flag, dest=name, action="store_false" if on else "store_true",
+                           help=text)
+            continue
+        kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
+        p.add_argument(flag, dest=name, type=None if kind is str else kind, choices=meta.get("choices"),
+                       default=default if inherit_defaults else None, help=text)
 
 
 # --- subcommands (each block: _add_X declares, _run_X calls the library) ---------------------------
@@ -107,59 +137,27 @@ def _run_train(args) -> int:
 # === index / query / refit (tracestar.api) ===
 
 
+#: The BuildOptions fields `index` offers, in the order its help lists them.
+_INDEX_OPTIONS = (
+    "optimizer_state", "estimate_v_if_missing", "proj_dim", "blocks", "max_length", "batch_tokens", "seed",
+    "optimizer_correction", "unit_norm", "preconditioner", "eval_queries", "lam", "fit_docs", "damping", "variant",
+    "dtype", "shard_docs", "text_field", "id_field", "device", "autocast", "overwrite", "quiet",
+)
+
+
 def _add_index(sub) -> None:
     p = sub.add_parser("index", help="build a TrackStar index of a corpus for a model")
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--corpus", required=True, help="JSONL, Parquet, or a datasets save_to_disk directory")
     p.add_argument("--out", required=True, help="index directory to write")
-    p.add_argument("--optimizer-state",
-                   help="the training run's optimizer state: a Trainer checkpoint-N/ or its optimizer.pt, an accelerate "
-                        "save_state directory (optimizer.bin), a torch.distributed.checkpoint directory, or any "
-                        "torch.save'd state_dict (AdamW/Adam, torch or HF Adafactor)")
-    p.add_argument("--estimate-v-if-missing", action="store_true",
-                   help="when the optimizer state keeps no second moment (SGD, Lion), estimate V from the corpus "
-                        "instead of stopping (the manifest records it)")
-    p.add_argument("--proj-dim", type=int, default=1 << 16, help="target vector dimension (Σ k² over blocks; default 65536)")
-    p.add_argument("--blocks", choices=["paper", "module"], default="paper",
-                   help="projection blocks: the paper's layer groups, or one block per weight matrix (default paper)")
-    p.add_argument("--max-length", type=int, default=512,
-                   help="documents longer than this many tokens are truncated (at least 2; at most the model's "
-                        "context window, to which a larger value is lowered; default 512)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
-    p.add_argument("--seed", type=int, default=0, help="projection seed, ≥ 0 (default 0)")
-    p.add_argument("--no-optimizer-correction", action="store_true", help="do not divide by √V")
-    p.add_argument("--no-unit-norm", action="store_true", help="keep raw lengths (dot products, not cosines)")
-    p.add_argument("--preconditioner", choices=["none", "train", "mixed"], help="default: mixed with --eval-queries, else train")
-    p.add_argument("--eval-queries", help="QUERIES.jsonl whose gradients form R_eval")
-    p.add_argument("--lambda", dest="lam", type=float,
-                   help="mixing weight of R_eval in [0, 1], mixed preconditioner only (default: spectrum matching)")
-    p.add_argument("--fit-docs", type=int, help="documents sampled for R_train (default: all, at most 10,000)")
-    p.add_argument("--damping", type=float, default=0.1,
-                   help="added to R's spectrum, times its mean eigenvalue; > 0 (default 0.1)")
-    p.add_argument("--variant", choices=["dot", "opt", "opt-norm", "train-r", "trackstar"], help="a rung of the paper's ablation ladder")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="stored vector dtype (default float16)")
-    p.add_argument("--shard-docs", type=int, default=1024, help="documents per shard (default 1024)")
-    p.add_argument("--text-field", default="text", help="corpus field holding the text (default text)")
-    p.add_argument("--id-field", default="id", help="corpus field holding the id (default: the record's number)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--autocast", choices=["bfloat16"], help="run the model in bf16 (vectors are still summed in fp32)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    _add_fields(p, BuildOptions, _INDEX_OPTIONS)
     p.set_defaults(func=_run_index)
 
 
 def _run_index(args) -> int:
-    from tracestar.api import BuildOptions, build_index
+    from tracestar.api import build_index
 
-    opts = BuildOptions(
-        optimizer_state=args.optimizer_state, proj_dim=args.proj_dim, blocks=args.blocks, max_length=args.max_length,
-        batch_tokens=args.batch_tokens, seed=args.seed, optimizer_correction=not args.no_optimizer_correction,
-        unit_norm=not args.no_unit_norm, preconditioner=args.preconditioner, eval_queries=args.eval_queries,
-        lam=args.lam, fit_docs=args.fit_docs, damping=args.damping, variant=args.variant, dtype=args.dtype,
-        shard_docs=args.shard_docs, text_field=args.text_field, id_field=args.id_field, device=args.device,
-        autocast=args.autocast, estimate_v_if_missing=args.estimate_v_if_missing,
-        overwrite=args.overwrite, quiet=args.quiet,
-    )
+    opts = BuildOptions(**{name: getattr(args, name) for name in _INDEX_OPTIONS})
     build_index(args.model, args.corpus, args.out, opts)
     return 0
 
@@ -193,30 +191,31 @@ def _run_query(args) -> int:
     return 0
 
 
+#: The BuildOptions fields `refit` offers; each defaults to the source index's value, hence this help.
+_REFIT_OPTIONS = {
+    "eval_queries": "QUERIES.jsonl for R_eval (mixed preconditioner)",
+    "preconditioner": None,  # None: the field's own help
+    "lam": "mixing weight of R_eval in [0, 1], mixed only (default: spectrum matching)",
+    "fit_docs": "documents sampled for R_train (default: the index's)",
+    "damping": "added to R's spectrum, times its mean eigenvalue; > 0 (default: the index's)",
+}
+
+
 def _add_refit(sub) -> None:
     p = sub.add_parser("refit", help="a new index with another preconditioner, from an index's stored raw vectors")
     p.add_argument("--index", required=True, help="index directory whose raw vectors are reused")
     p.add_argument("--out", required=True, help="directory for the new index")
-    p.add_argument("--eval-queries", help="QUERIES.jsonl for R_eval (mixed preconditioner)")
-    p.add_argument("--preconditioner", choices=["none", "train", "mixed"],
-                   help="default: mixed with --eval-queries, else train")
-    p.add_argument("--lambda", dest="lam", type=float,
-                   help="mixing weight of R_eval in [0, 1], mixed only (default: spectrum matching)")
-    p.add_argument("--fit-docs", type=int, help="documents sampled for R_train (default: the index's)")
-    p.add_argument("--damping", type=float, help="added to R's spectrum, times its mean eigenvalue; > 0 (default: the index's)")
+    _add_fields(p, BuildOptions, _REFIT_OPTIONS, help=_REFIT_OPTIONS, inherit_defaults=False)
     p.add_argument("--model", help="model directory, for the eval queries' gradients (default: the manifest's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    _add_fields(p, BuildOptions, ("overwrite", "quiet"), help={"overwrite": "replace an existing directory at --out"})
     p.set_defaults(func=_run_refit)
 
 
 def _run_refit(args) -> int:
     from tracestar.api import refit
 
-    refit(
-        args.index, args.out, eval_queries=args.eval_queries, preconditioner=args.preconditioner, lam=args.lam,
-        fit_docs=args.fit_docs, damping=args.damping, model_dir=args.model, overwrite=args.overwrite, quiet=args.quiet,
-    )
+    chosen = {name: getattr(args, name) for name in (*_REFIT_OPTIONS, "overwrite", "quiet")}
+    refit(args.index, args.out, model_dir=args.model, **chosen)
     return 0
 
 

@@ -7,14 +7,20 @@ agree on them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from tracestar.errors import OptionError, UserError, check_float, check_int
-from tracestar.preconditioner import DEFAULT_DAMPING, DEFAULT_R_BLOCK
-from tracestar.projection import DEFAULT_DIM
+
+# Nothing here imports torch: the CLI builds its options from this module before it knows the command.
+
+#: Target dimension of the projected vectors (Σ k² over the projection blocks), the paper's 2^16.
+DEFAULT_DIM = 1 << 16
+#: Added to R's spectrum, times its mean eigenvalue, before R^{-1/2} is taken.
+DEFAULT_DAMPING = 0.1
+#: The most coordinates one R matrix covers: a larger projection block is split into ranges of this size.
+DEFAULT_R_BLOCK = 2048
 
 #: The paper's ablation ladder, each rung adding one thing.
 VARIANTS: dict[str, dict] = {
@@ -26,34 +32,65 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+PRECONDITIONERS = ("none", "train", "mixed")
+DTYPES = ("float16", "bfloat16", "float32")
+BLOCK_LAYOUTS = ("paper", "module")
+
+
+def _opt(default: Any, help: str | None = None, **cli: Any) -> Any:
+    """A field whose help text (and argparse extras: flag, choices) the CLI generates its option from.
+
+    `help` may name the default as `%(default)s` (argparse fills it in), so the value is written
+    once, here. A field without help is not a command-line option.
+    """
+    meta = {} if help is None else {"help": help, **cli}
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class BuildOptions:
-    optimizer_state: str | None = None
-    proj_dim: int = DEFAULT_DIM
-    blocks: str = "paper"
-    max_length: int = 512
-    batch_tokens: int = 4096
-    seed: int = 0
-    optimizer_correction: bool = True
-    unit_norm: bool = True
-    preconditioner: str | None = None  # none | train | mixed; default: mixed with eval queries, else train
-    eval_queries: str | None = None
-    lam: float | None = None
-    fit_docs: int | None = None  # default: all documents, at most 10,000
-    damping: float = DEFAULT_DAMPING
-    r_block: int = DEFAULT_R_BLOCK
-    dtype: str | None = None  # default float16 (float32 when vectors are not unit-normalized)
-    shard_docs: int = 1024
-    normalizer_docs: int = 128
-    estimate_v_if_missing: bool = False  # an optimizer state without V (SGD, Lion): estimate V instead of stopping
-    text_field: str = "text"
-    id_field: str = "id"
-    variant: str | None = None
-    padding_side: str = "right"
-    autocast: str | None = None  # "bfloat16": the model's forward/backward in bf16 (GPU, or CPUs with AVX512-BF16)
-    device: str | None = None
-    quiet: bool = False
-    overwrite: bool = False
+    """Every option of `build_index`, with its default and, for those the CLI offers, its help.
+
+    `r_block`, `normalizer_docs` and `padding_side` are tuning knobs for the Python API and tests
+    only: they carry no help, so `tracestar index` does not offer them.
+    """
+
+    optimizer_state: str | None = _opt(
+        None, "the training run's optimizer state: a Trainer checkpoint-N/ or its optimizer.pt, an accelerate "
+              "save_state directory (optimizer.bin), a torch.distributed.checkpoint directory, or any "
+              "torch.save'd state_dict (AdamW/Adam, torch or HF Adafactor)")
+    proj_dim: int = _opt(DEFAULT_DIM, "target vector dimension (Σ k² over blocks; default %(default)s)")
+    blocks: str = _opt("paper", "projection blocks: the paper's layer groups, or one block per weight matrix "
+                                "(default %(default)s)", choices=BLOCK_LAYOUTS)
+    max_length: int = _opt(512, "documents longer than this many tokens are truncated (at least 2; at most the "
+                                "model's context window, to which a larger value is lowered; default %(default)s)")
+    batch_tokens: int = _opt(4096, "padded tokens per batch (default %(default)s)")
+    seed: int = _opt(0, "projection seed, ≥ 0 (default %(default)s)")
+    optimizer_correction: bool = _opt(True, "do not divide by √V")  # the flag is --no-optimizer-correction
+    unit_norm: bool = _opt(True, "keep raw lengths (dot products, not cosines)")  # --no-unit-norm
+    preconditioner: str | None = _opt(None, "default: mixed with --eval-queries, else train", choices=PRECONDITIONERS)
+    eval_queries: str | None = _opt(None, "QUERIES.jsonl whose gradients form R_eval")
+    lam: float | None = _opt(None, "mixing weight of R_eval in [0, 1], mixed preconditioner only "
+                                   "(default: spectrum matching)", flag="--lambda")
+    fit_docs: int | None = _opt(None, "documents sampled for R_train (default: all, at most 10,000)")
+    damping: float = _opt(DEFAULT_DAMPING, "added to R's spectrum, times its mean eigenvalue; > 0 (default %(default)s)")
+    r_block: int = _opt(DEFAULT_R_BLOCK)
+    # float16, or float32 when vectors are not unit-normalized (`resolved`)
+    dtype: str | None = _opt(None, "stored vector dtype (default float16)", choices=DTYPES)
+    shard_docs: int = _opt(1024, "documents per shard (default %(default)s)")
+    normalizer_docs: int = _opt(128)
+    estimate_v_if_missing: bool = _opt(
+        False, "when the optimizer state keeps no second moment (SGD, Lion), estimate V from the corpus "
+               "instead of stopping (the manifest records it)")
+    text_field: str = _opt("text", "corpus field holding the text (default %(default)s)")
+    id_field: str = _opt("id", "corpus field holding the id (default: the record's number)")
+    variant: str | None = _opt(None, "a rung of the paper's ablation ladder", choices=tuple(VARIANTS))
+    padding_side: str = _opt("right")
+    # bf16 pays on a GPU, or on CPUs with AVX512-BF16
+    autocast: str | None = _opt(None, "run the model in bf16 (vectors are still summed in fp32)", choices=("bfloat16",))
+    device: str | None = _opt(None, "cpu or cuda (default: cuda when available)")
+    quiet: bool = _opt(False, "no progress bars or messages")
+    overwrite: bool = _opt(False, "replace an existing index directory")
 
     def resolved(self) -> "BuildOptions":
         """Apply the variant shorthand and the defaults that depend on other options."""
@@ -65,19 +102,21 @@ class BuildOptions:
                 setattr(o, key, value)
         if o.preconditioner is None:
             o.preconditioner = "mixed" if o.eval_queries else "train"
-        if o.preconditioner not in ("none", "train", "mixed"):
+        if o.preconditioner not in PRECONDITIONERS:
             raise UserError(f"unknown --preconditioner {o.preconditioner!r} (none, train or mixed)")
         if o.preconditioner == "mixed" and not o.eval_queries:
             raise UserError("a mixed preconditioner (and --variant trackstar) needs --eval-queries")
         if o.dtype is None:
             o.dtype = "float16" if o.unit_norm else "float32"
-        if o.dtype not in ("float16", "bfloat16", "float32"):
+        if o.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {o.dtype!r} (float16, bfloat16 or float32)")
         if o.device is None:
+            import torch
+
             o.device = "cuda" if torch.cuda.is_available() else "cpu"
         if o.autocast not in (None, "bfloat16"):
             raise UserError(f"unknown --autocast {o.autocast!r} (bfloat16)")
-        if o.blocks not in ("paper", "module"):
+        if o.blocks not in BLOCK_LAYOUTS:
             raise OptionError("--blocks", f"unknown layout {o.blocks!r} (paper or module)")
         o.validate()
         return o

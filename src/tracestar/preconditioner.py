@@ -34,11 +34,10 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
+from tracestar.options import DEFAULT_DAMPING, DEFAULT_R_BLOCK
 from tracestar.projection import Block
 
 PAPER_COMPONENT_FRACTION = 1000 / 65536
-DEFAULT_DAMPING = 0.1
-DEFAULT_R_BLOCK = 2048
 
 T = TypeVar("T")
 U = TypeVar("U")

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tracestar.model import Tracked
-
-DEFAULT_DIM = 1 << 16
+from tracestar.options import DEFAULT_DIM
 
 
 @dataclass
