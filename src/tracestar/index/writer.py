@@ -1,0 +1,409 @@
+"""The index as it is written: every file name, shard sidecars, resume, repair, the manifest.
+
+An index directory (the format is in docs/ARCHITECTURE.md):
+
+    build.json                         the options that fix the bytes, written first
+    normalizer.safetensors + .json     V
+    raw/shard-NNNNN.npy + .json        g per document (float32) and its sidecar
+    preconditioner.safetensors + .json R^{-1/2}
+    vectors/shard-NNNNN.npy + .json    the final vectors and their sidecar
+    docs.jsonl                         the doc table
+    compressed/int8/…, compressed/pq.faiss   compressed forms (`tracestar compress`)
+    manifest.json                      written last: the index is finished when it exists
+
+Why sidecars: each shard's `.json` is written after its `.npy` and holds the `.npy`'s sha256, so
+a shard is done exactly when its sidecar exists and the bytes still match it (`done`). A killed
+build therefore resumes to the same bytes, and a rerun on a finished index verifies every file
+the manifest lists and removes the damaged ones and what was computed from them (`start_repair`).
+Only the owner rank of a shard writes it or clears what an interrupted writer left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from tracestar import dist, files
+from tracestar.errors import IndexStoreError, UserError
+from tracestar.progress import PhaseTimer, loop_bars, say
+
+FORMAT_VERSION = 1
+BUILD_FILE = "build.json"
+MANIFEST = "manifest.json"
+DOCS = "docs.jsonl"
+RAW = "raw"
+VECTORS = "vectors"
+KINDS = (RAW, VECTORS)
+NORMALIZER = "normalizer.safetensors"
+NORMALIZER_INFO = "normalizer.json"
+PRECONDITIONER = "preconditioner.safetensors"
+PRECONDITIONER_INFO = "preconditioner.json"
+COMPRESSED_DIR = "compressed"
+INT8_DIR = f"{COMPRESSED_DIR}/int8"
+PQ_FILE = f"{COMPRESSED_DIR}/pq.faiss"
+COMPRESSED_FORMS = ("int8", "pq")  # the first is the fallback default
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def shard_name(shard_no: int) -> str:
+    return f"shard-{shard_no:05d}"
+
+
+def shard_path(index_dir: str | Path, kind: str, shard_no: int) -> Path:
+    return Path(index_dir) / kind / f"{shard_name(shard_no)}.npy"
+
+
+def sidecar_path(index_dir: str | Path, kind: str, shard_no: int) -> Path:
+    return Path(index_dir) / kind / f"{shard_name(shard_no)}.json"
+
+
+def int8_paths(index_dir: str | Path, shard_no: int) -> tuple[Path, Path]:
+    """(codes, scales) of one shard's int8 form."""
+    d = Path(index_dir) / INT8_DIR
+    return d / f"shard-{shard_no:05d}.npy", d / f"scales-{shard_no:05d}.npy"
+
+
+# --- shards and their sidecars -------------------------------------------------------------------
+
+
+def write_shard(index_dir: str | Path, kind: str, shard_no: int, array: np.ndarray) -> str:
+    """Write `kind/shard-NNNNN.npy`; returns its sha256 for the sidecar and the manifest."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown shard kind {kind!r}")
+    return files.write_npy(shard_path(index_dir, kind, shard_no), array)
+
+
+def write_done_shard(index_dir: Path, kind: str, shard_no: int, array: np.ndarray, info: dict) -> None:
+    """The `.npy` first, then the sidecar that marks it complete: `info` plus the `.npy`'s sha256."""
+    sha = write_shard(index_dir, kind, shard_no, array)
+    files.write_json(sidecar_path(index_dir, kind, shard_no), _with_sha(info, sha))
+
+
+def _with_sha(info: dict, sha: str) -> dict:
+    """The sidecar's keys in their historical order: raw {start, rows, sha256, docs}, vectors {sha256, …}."""
+    head = {k: info[k] for k in ("start", "rows") if k in info}
+    return {**head, "sha256": sha, **{k: v for k, v in info.items() if k not in head}}
+
+
+def done(index_dir: Path, kind: str, shard_no: int, expect: dict | None = None) -> dict | None:
+    """The sidecar of a finished shard whose bytes still match it (and its `expect` fields), else None."""
+    side = sidecar_path(index_dir, kind, shard_no)
+    npy = shard_path(index_dir, kind, shard_no)
+    if not (side.exists() and npy.exists()):
+        return None
+    info = json.loads(side.read_text())
+    if any(info.get(k) != v for k, v in (expect or {}).items()):
+        return None
+    return info if files.sha256_file(npy) == info["sha256"] else None
+
+
+def read_sidecar(index_dir: Path, kind: str, shard_no: int) -> dict:
+    return json.loads(sidecar_path(index_dir, kind, shard_no).read_text())
+
+
+def clear_partial(index_dir: Path, kind: str, shard_no: int) -> None:
+    """Remove what an interrupted writer of this shard left (only its owner rank calls this)."""
+    for leftover in (index_dir / kind).glob(f"{shard_name(shard_no)}.*{files.TMP_MARK}*"):
+        leftover.unlink(missing_ok=True)
+
+
+def any_sidecar(out: Path, kind: str) -> bool:
+    """Whether some shard of `kind` is finished: work worth keeping when a later step fails."""
+    return (out / kind).is_dir() and any((out / kind).glob("shard-*.json"))
+
+
+# --- the output directory ------------------------------------------------------------------------
+
+
+def prepare_dir(out: Path, identity: dict, overwrite: bool) -> str:
+    """Create or check the output directory: "new" (empty, build.json written), "resume" (an
+    unfinished build with the same identity) or "built" (a manifest is there: verify it)."""
+    build_file = out / BUILD_FILE
+    if out.exists() and overwrite and dist.rank() == 0:
+        shutil.rmtree(out)
+    dist.barrier()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not build_file.exists():
+            raise UserError(f"{out}: exists and is not a tracestar build; choose another --out or pass --overwrite")
+        try:
+            previous = json.loads(build_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{build_file}: unreadable; the build's arguments are unknown, so pass --overwrite") from None
+        if previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise UserError(
+                f"{out}: holds a build with different arguments ({', '.join(changed)}); use another --out or --overwrite"
+            )
+        return "built" if (out / MANIFEST).exists() else "resume"
+    dist.barrier()
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_json(build_file, identity)
+    dist.barrier()
+    return "new"
+
+
+@contextmanager
+def undo_on_failure(out: Path, overwrite: bool, worth_keeping: Callable[[], bool]) -> Iterator[None]:
+    """Remove what this invocation created in `out` when it fails before `worth_keeping()` is true.
+
+    A build that stops on an error before finishing anything leaves nothing behind — a stray
+    build.json would block the corrected rerun. Work worth resuming (a finished shard) is kept, as
+    is anything that was there before: an interrupted earlier build is never deleted. Ctrl-C is
+    not an error here: it keeps everything so the rerun resumes.
+    """
+    root = None if out.exists() else _first_missing(out)
+    owned_contents = out.is_dir() and (overwrite or not any(out.iterdir()))
+    try:
+        yield
+    except Exception:
+        if dist.rank() == 0 and not worth_keeping():
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
+            elif owned_contents and out.is_dir():
+                for child in out.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost ancestor of `path` (or `path` itself) that does not exist yet."""
+    path = path.absolute()
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def link_inputs(src: Path, out: Path) -> None:
+    """A refit's inputs from `src`: V, the doc table and the raw shards with their sidecars,
+    hard-linked (copied where links are impossible). Leftovers of a killed writer are skipped."""
+    raw_files = [f"{RAW}/{p.name}" for p in sorted((src / RAW).iterdir()) if files.TMP_MARK not in p.name]
+    for rel in [NORMALIZER, NORMALIZER_INFO, DOCS, *raw_files]:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            continue
+        try:
+            os.link(src / rel, dst)
+        except OSError:
+            shutil.copy2(src / rel, dst)
+
+
+def verify_source_raw(src: Path, out: Path, manifest: dict, quiet: bool) -> None:
+    """The raw shards a refit reads are the source index's: a damaged one is repaired there, not here."""
+    for info in loop_bars(quiet, unit="shard")(manifest["shards"], "verifying raw shards"):
+        path = out / RAW / f"{info['name']}.npy"
+        if not path.is_file() or files.sha256_file(path) != info["raw_sha256"]:
+            raise IndexStoreError(f"{src / RAW / path.name}: checksum mismatch; rerun the `tracestar index` command "
+                                  f"that built {src} to repair it, then refit again")
+
+
+# --- the manifest --------------------------------------------------------------------------------
+
+
+def write_manifest(index_dir: str | Path, manifest: dict) -> None:
+    manifest = dict(manifest)
+    manifest.setdefault("format_version", FORMAT_VERSION)
+    files.write_json(Path(index_dir) / MANIFEST, manifest)
+
+
+def finish(out: Path, base: dict, fields: dict, n_shards: int, *, previous: dict | None, timer: PhaseTimer,
+           quiet: bool) -> tuple[int, int]:
+    """Write the doc table and, last, the manifest: `base`, then when, `fields` (what the build
+    chose: variant, unit_norm, dtype, preconditioner), then what the shards hold and the checksums.
+
+    `previous`: the manifest being repaired; its `created`, `timings` and still-valid compressed
+    forms carry over. Returns (tokens, truncated documents).
+    """
+    with timer.phase("writes"):
+        shards, n_tokens, n_truncated = _write_doc_table(out, n_shards)
+        checksums = {name: files.sha256_file(out / name) for name in _checksummed_files(out, n_shards)}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = {
+        **base,
+        "created": (previous or {}).get("created", now),
+        **fields,
+        "n_tokens": n_tokens,
+        "n_truncated": n_truncated,
+        "world_size": dist.world(),
+        "shards": shards,
+        "files": {"normalizer": NORMALIZER, "preconditioner": PRECONDITIONER, "docs": DOCS},
+        "checksums": checksums,
+    }
+    # Wall seconds per phase of the build that wrote this index (not part of any checksum). A
+    # repair keeps the original's, so that the repaired manifest differs only by `repaired`.
+    timings = timer.snapshot() if previous is None else previous.get("timings")
+    if timings is not None:
+        manifest["timings"] = timings
+    if previous is not None:
+        manifest["repaired"] = now
+        compressed = _carry_compressed(out, previous, shards, quiet)
+        if compressed:
+            manifest["compressed"] = compressed
+    write_manifest(out, manifest)
+    return n_tokens, n_truncated
+
+
+def _write_doc_table(out: Path, n_shards: int) -> tuple[list[dict], int, int]:
+    """docs.jsonl streamed from the shards' sidecars (memory independent of corpus size);
+    returns (the manifest's shard list, tokens, truncated documents)."""
+    shards: list[dict] = []
+    counts = {"tokens": 0, "truncated": 0}
+
+    def doc_rows():
+        row = 0
+        for shard_no in range(n_shards):
+            raw_info = read_sidecar(out, RAW, shard_no)
+            vec_info = read_sidecar(out, VECTORS, shard_no)
+            shards.append({"name": shard_name(shard_no), "start": raw_info["start"], "rows": raw_info["rows"],
+                           "raw_sha256": raw_info["sha256"], "vectors_sha256": vec_info["sha256"]})
+            for doc_id, toks, trunc in raw_info["docs"]:
+                yield {"row": row, "doc_id": doc_id, "n_tokens": toks, "truncated": trunc}
+                row += 1
+                counts["tokens"] += toks
+                counts["truncated"] += int(trunc)
+
+    files.write_jsonl(out / DOCS, doc_rows())
+    return shards, counts["tokens"], counts["truncated"]
+
+
+def _checksummed_files(out: Path, n_shards: int) -> list[str]:
+    """Files besides the shards whose sha256 the manifest records (a rerun verifies them)."""
+    names = [NORMALIZER, NORMALIZER_INFO, PRECONDITIONER, PRECONDITIONER_INFO, DOCS]
+    for kind in KINDS:
+        names += [f"{kind}/{shard_name(s)}.json" for s in range(n_shards)]
+    return [n for n in names if (out / n).exists()]
+
+
+def _carry_compressed(out: Path, previous: dict, shards: list[dict], quiet: bool) -> dict | None:
+    """The old compressed forms if the final vectors they were made from are byte-identical;
+    otherwise their files are deleted and None is returned."""
+    comp = dict(previous.get("compressed") or {})
+    if not any(f in comp for f in COMPRESSED_FORMS):
+        return None
+    old = {s["name"]: s.get("vectors_sha256") or s.get("vectors_sha256_dropped") for s in previous.get("shards", [])}
+    if all(old.get(s["name"]) == s["vectors_sha256"] for s in shards):
+        comp["exact_dropped"] = False  # the repair wrote the exact vectors again
+        comp.pop("exact_dropped_at", None)
+        return comp
+    for _, rel, _ in _compressed_files(out, previous):
+        (out / rel).unlink(missing_ok=True)
+    say(quiet, f"{out}: the final vectors changed, so the compressed forms made from them were dropped; "
+               f"run `tracestar compress` again")
+    return None
+
+
+# --- rerun: verify, repair -----------------------------------------------------------------------
+
+
+def start_repair(out: Path, quiet: bool) -> dict | None:
+    """Verify a finished index against its manifest. None when every listed file matches.
+
+    Otherwise the damaged files and everything derived from them are removed, and so is the
+    manifest (until the repair finishes the index is an unfinished build, which resumes); the
+    build then recomputes what is missing. Returns the old manifest ({} if it was unreadable).
+    """
+    previous = damaged = None
+    n_files = 0
+    if dist.rank() == 0:
+        previous, damaged, n_files = _verify_built(out, quiet)
+        if damaged:
+            say(quiet, f"{out}: damaged: {', '.join(f'{rel} ({problem})' for rel, problem in damaged)}; repairing")
+            _remove_damaged(out, previous, damaged, quiet)
+    previous, damaged, n_files = dist.broadcast_object((previous, damaged, n_files))
+    dist.barrier()
+    if not damaged:
+        say(quiet, f"{out}: already built with these arguments; {n_files} files verified; nothing to do")
+        return None
+    return previous
+
+
+def _verify_built(out: Path, quiet: bool) -> tuple[dict, list[tuple[str, str]], int]:
+    """(manifest, [(relative path, problem)], number of files checked) for every file it lists."""
+    from tracestar.index.store import read_manifest  # the reader's checks (format version, JSON)
+
+    try:
+        manifest = read_manifest(out)
+        listed = _listed_files(out, manifest)
+    except (IndexStoreError, KeyError, TypeError, ValueError):
+        return {}, [(MANIFEST, "unreadable")], 1
+    damaged = []
+    for rel, sha in loop_bars(quiet, unit="file")(listed, "verifying"):
+        path = out / rel
+        if not path.is_file():
+            damaged.append((rel, "missing"))
+        elif files.sha256_file(path) != sha:
+            damaged.append((rel, "checksum mismatch"))
+    return manifest, damaged, len(listed)
+
+
+def _listed_files(out: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(relative path, sha256) of every file a manifest vouches for: shards, sidecars, V, R, the
+    doc table, compressed forms. Manifests written before `checksums` existed list the shards only."""
+    listed = []
+    for info in manifest["shards"]:
+        listed.append((f"{RAW}/{info['name']}.npy", info["raw_sha256"]))
+        if info.get("vectors_sha256"):  # None once `compress --drop-exact` removed them
+            listed.append((f"{VECTORS}/{info['name']}.npy", info["vectors_sha256"]))
+    listed += sorted((manifest.get("checksums") or {}).items())
+    listed += [(rel, sha) for _, rel, sha in _compressed_files(out, manifest)]
+    return listed
+
+
+def _compressed_files(out: Path, manifest: dict) -> list[tuple[str, str, str]]:
+    """(form, relative path, sha256) of the compressed forms' files."""
+    comp = manifest.get("compressed") or {}
+    found = []
+    if "int8" in comp:
+        for shard_no, info in enumerate(comp["int8"]["shards"]):
+            codes, scales = int8_paths(out, shard_no)
+            found += [("int8", str(codes.relative_to(out)), info["codes_sha256"]),
+                      ("int8", str(scales.relative_to(out)), info["scales_sha256"])]
+    if "pq" in comp:
+        found.append(("pq", comp["pq"]["path"], comp["pq"]["sha256"]))
+    return found
+
+
+def _remove_damaged(out: Path, manifest: dict, damaged: list[tuple[str, str]], quiet: bool) -> None:
+    """Delete each damaged file and what is computed from it, so the resumed build redoes them.
+
+    raw shard → it and its final vectors (R is refitted only if its sample read that shard, see
+    `build._r_inputs`); final vectors → them; V → everything; R → R (vectors follow if it
+    changes); doc table → nothing (always rewritten); a compressed form → the form.
+    """
+    doomed: set[str] = set()
+    forms = {rel: form for form, rel, _ in _compressed_files(out, manifest)} if manifest else {}
+    v_and_r = {NORMALIZER, NORMALIZER_INFO, PRECONDITIONER, PRECONDITIONER_INFO}
+    for rel, _ in damaged:
+        top, _, name = rel.partition("/")
+        if top in KINDS:
+            stem = name.split(".")[0]
+            for kind in ((RAW, VECTORS) if top == RAW else (VECTORS,)):
+                doomed |= {f"{kind}/{stem}.npy", f"{kind}/{stem}.json"}
+        elif rel in (NORMALIZER, NORMALIZER_INFO):
+            doomed |= v_and_r
+            doomed |= {str(p.relative_to(out)) for kind in KINDS for p in (out / kind).glob("shard-*")}
+        elif rel in (PRECONDITIONER, PRECONDITIONER_INFO):
+            doomed |= {PRECONDITIONER, PRECONDITIONER_INFO}
+        elif rel in forms:
+            form = forms[rel]
+            doomed |= {r for r, f in forms.items() if f == form}
+            manifest.get("compressed", {}).pop(form, None)
+            say(quiet, f"{out}: compressed form {form} dropped; run `tracestar compress --index {out} --kind {form}` again")
+    for rel in sorted(doomed):
+        (out / rel).unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
