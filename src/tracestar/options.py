@@ -142,6 +142,16 @@ class BuildOptions:
         if self.lam is not None and self.preconditioner != "mixed":
             raise OptionError("--lambda", f"weights R_eval in a mixed preconditioner; this one is {self.preconditioner!r}")
 
+    @classmethod
+    def from_json(cls, d: dict, **overrides: Any) -> "BuildOptions":
+        """The options a build.json (`identity()` plus what the build added) records, with `overrides`.
+
+        Keys that are not options (`model_fingerprint`, `corpus`) are skipped, so `refit` can start
+        from the options an index was built with and change only the preconditioner's.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in names}, **overrides})
+
     def identity(self) -> dict:
         """The options that determine the index's bytes (a rerun with others is refused)."""
         skip = {"quiet", "overwrite", "device", "variant"}
