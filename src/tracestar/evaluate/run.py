@@ -34,18 +34,21 @@ from typing import Any, Mapping, Sequence
 from tracestar.corpus import Query, read_queries, write_jsonl
 from tracestar.errors import OptionError, check_float, check_int
 from tracestar.evaluate.metrics import attribution_metrics, relevant_ids, sort_buckets
-
-DEFAULT_KS = (1, 3, 5, 10)
+from tracestar.evaluate.summary import (  # noqa: F401 (format_table, methods_of, method_label: re-exported)
+    DEFAULT_KS,
+    NOT_METHODS,
+    format_table,
+    method_label,
+    methods_of,
+    summary,
+    to_markdown,
+)
 
 #: Below this first-token accuracy the report warns. The figures move with what the model has
 #: learned; on the demo's world (same index settings, fewer epochs for lower accuracy) TrackStar's
 #: MRR was 0.27 at 87.9% accuracy, 0.56 at 79.6%, 0.73 at 62.5% and 0.74-0.76 at 37-40%: below
 #: about 70% the figures look like an untrained model's, not like the paper's (measured).
 ACCURACY_THRESHOLD = 0.70
-#: How the table and the plots name a method (metrics.json keeps the keys).
-METHOD_LABELS = {"bm25": "BM25", "relevant": "fact-stating documents"}
-#: Top-level keys of the metrics that are not methods (besides those starting with "_").
-NOT_METHODS = frozenset({"model"})
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -284,187 +287,16 @@ def _relevant_results(queries: Sequence[Query], top_k: int) -> list[dict[str, An
     return relevant_results(queries, top_k)
 
 
-# --- report ----------------------------------------------------------------------------------------
-
-
-def methods_of(metrics: Mapping[str, Any]) -> list[str]:
-    """The method keys of a metrics dict, in order (not "model", not the "_" keys)."""
-    return [m for m in metrics if not m.startswith("_") and m not in NOT_METHODS]
-
-
-def method_label(method: str) -> str:
-    """The name a reader sees: "BM25", "fact-stating documents"; variants keep their own."""
-    return METHOD_LABELS.get(method, method)
-
-
-def _accuracy_text(model: Mapping[str, Any]) -> str:
-    acc = model.get("first_token_accuracy")
-    return ("unknown" if acc is None else f"{acc:.1%}") + f" on {model.get('n_queries', '?')} queries"
-
-
-def accuracy_lines(metrics: Mapping[str, Any]) -> list[str]:
-    """The model's first-token accuracy and, when it is too low or unknown, the warning; no lines
-    when the metrics hold no "model" entry (`evaluate_results` alone knows no model)."""
-    model = metrics.get("model")
-    if not isinstance(model, Mapping) or "first_token_accuracy" not in model:
-        return []
-    lines = [f"model: first-token accuracy {_accuracy_text(model)} "
-             f"(greedy next token after the prompt = the target's first token)"]
-    if model.get("accuracy_warning"):
-        lines.append(f"WARNING: {model['accuracy_warning']}.")
-    return lines
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if x != 0 and abs(x) < 10 ** -digits:
-            return f"{x:.2e}"
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _ks_of(metrics: Mapping[str, Any]) -> list[int]:
-    ks = (metrics.get("_settings") or {}).get("ks")
-    if ks:
-        return [int(k) for k in ks]
-    found = set()
-    for m in methods_of(metrics):
-        found |= {int(k.split("@")[1]) for k in metrics[m] if k.startswith("recall@")}
-        found |= {int(k) for k in (metrics[m].get("tailpatch") or {})}
-    return sorted(found) or list(DEFAULT_KS)
-
-
-def format_table(metrics: Mapping[str, Any]) -> str:
-    """The headline Markdown table: one row per method, attribution then tail-patch Δlogprob/Δprob,
-    after the model's first-token accuracy (and its warning) when the metrics hold it."""
-    return "\n\n".join(accuracy_lines(metrics) + [method_table(metrics)])
-
-
-def method_table(metrics: Mapping[str, Any]) -> str:
-    """The Markdown table of `format_table` alone."""
-    ks = _ks_of(metrics)
-    methods = methods_of(metrics)
-    has_tp = any(metrics[m].get("tailpatch") for m in methods)
-    head = ["method", "MRR"] + [f"R@{k}" for k in ks]
-    if has_tp:
-        head += [f"Δlogp@{k}" for k in ks] + [f"Δp@{k}" for k in ks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
-    for m in methods:
-        d = metrics[m]
-        row = [method_label(m), _fmt(d.get("mrr"))] + [_fmt(d.get(f"recall@{k}")) for k in ks]
-        if has_tp:
-            tp = d.get("tailpatch") or {}
-            row += [_fmt((tp.get(str(k)) or {}).get("delta_logprob"), 4) for k in ks]
-            row += [_fmt((tp.get(str(k)) or {}).get("delta_prob"), 4) for k in ks]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def format_bucket_table(metrics: Mapping[str, Any]) -> str:
-    methods = [m for m in methods_of(metrics) if "by_bucket" in metrics[m]]
-    buckets = sort_buckets({b for m in methods for b in metrics[m]["by_bucket"]})
-    head = ["bucket", "n"] + [f"{method_label(m)} MRR" for m in methods] + [f"{method_label(m)} R@10" for m in methods]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
-    for b in buckets:
-        n = next((metrics[m]["by_bucket"][b]["n"] for m in methods if b in metrics[m]["by_bucket"]), 0)
-        row = [b, str(n)]
-        row += [_fmt((metrics[m]["by_bucket"].get(b) or {}).get("mrr")) for m in methods]
-        row += [_fmt((metrics[m]["by_bucket"].get(b) or {}).get("recall@10")) for m in methods]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def _plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    written = []
-    methods = [m for m in methods_of(metrics) if "by_bucket" in metrics[m]]
-    if methods:
-        buckets = sort_buckets({b for m in methods for b in metrics[m]["by_bucket"]})
-        cols = buckets + ["all"]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        width = 0.8 / len(methods)
-        x = np.arange(len(cols))
-        for ax, key, title in ((axes[0], "mrr", "MRR"), (axes[1], "recall@10", "recall@10")):
-            for j, m in enumerate(methods):
-                vals = [(metrics[m]["by_bucket"].get(b) or {}).get(key, 0.0) for b in buckets] + [metrics[m].get(key, 0.0)]
-                ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=method_label(m))
-            ax.set_xticks(x, cols)
-            ax.set_xlabel("bucket (documents stating the fact)")
-            ax.set_title(f"Attribution: {title}")
-            ax.set_ylim(0, 1)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "attribution_by_bucket.png", dpi=110)
-        plt.close(fig)
-        written.append("attribution_by_bucket.png")
-    tp_methods = [m for m in methods_of(metrics) if metrics[m].get("tailpatch")]
-    if tp_methods:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key, title in ((axes[0], "delta_logprob", "Δ log p(target | prompt)"),
-                               (axes[1], "delta_prob", "Δ p(target | prompt)")):
-            for m in tp_methods:
-                tp = metrics[m]["tailpatch"]
-                ks = sorted(int(k) for k in tp)
-                ax.plot(ks, [tp[str(k)][key] for k in ks], marker="o", label=method_label(m))
-            ax.axhline(0, color="grey", lw=0.8)
-            ax.set_xlabel("top-k proponents")
-            ax.set_title(f"Tail-patch: {title}")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "tailpatch.png", dpi=110)
-        plt.close(fig)
-        written.append("tailpatch.png")
-    return written
-
-
 def write_report(metrics: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """Write metrics.json, report.md and the PNG plots into out_dir; returns report.md's path."""
+    """Write metrics.json, the PNG plots and report.md (rendered from the metrics) into out_dir;
+    returns report.md's path."""
+    from tracestar.evaluate.plots import plot
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(out / "metrics.json")
-    pngs = _plot(metrics, out)
-    s = metrics.get("_settings") or {}
-    tps = s.get("tailpatch") or {}
-    model = metrics.get("model") or {}
-    lines = ["# tracestar evaluation", ""]
-    if model.get("accuracy_warning"):
-        lines += [f"> **Warning:** {model['accuracy_warning']}.", ""]
-    if s:
-        acc_text = f" — first-token accuracy {_accuracy_text(model)}" if "first_token_accuracy" in model else ""
-        lines += [f"- index: `{s.get('index')}` (preconditioner: {s.get('index_preconditioner')})",
-                  f"- model: `{s.get('model')}`{acc_text}",
-                  f"- queries: `{s.get('queries')}` — {s.get('n_queries')} queries, "
-                  f"{s.get('n_queries_with_relevant')} with ground-truth documents"]
-        for name, path in (s.get("variants") or {}).items():
-            lines.append(f"- variant `{name}`: `{path}`")
-        lines.append("")
-    elif model:
-        lines += accuracy_lines(metrics)[:1] + [""]
-    lines += ["## Results", "",
-              "Attribution: MRR of the first document that states the fact; R@k = share of queries with one in the top k. "
-              "Influence (tail-patch): mean increase of the target's log-probability (Δlogp) and probability (Δp) "
-              "after one training step on a single proponent, averaged over the top-k proponents and the queries.", "",
-              method_table(metrics), ""]
-    if tps:
-        lines += [f"Tail-patch: one `{tps.get('optimizer')}` step (state: `{tps.get('optimizer_state')}`) at "
-                  f"lr = {tps.get('lr'):g} on each proponent, dropout off, from the final checkpoint, restored "
-                  f"between documents; {tps.get('n_queries')} queries (bucket-stratified sample), "
-                  f"{tps.get('seconds')} s. {method_label('relevant')} = up to k of the documents that state the fact "
-                  f"(the ground truth).", ""]
-    if any("by_bucket" in metrics[m] for m in methods_of(metrics)):
-        lines += ["## Attribution by bucket", "", format_bucket_table(metrics), ""]
-    for p in pngs:
-        lines += [f"![{p}]({p})", ""]
-    if s.get("timings"):
-        lines += ["Timings (s): " + ", ".join(f"{k} {v}" for k, v in s["timings"].items()), ""]
-    (out / "report.md").write_text("\n".join(lines))
+    pngs = plot(metrics, out)
+    (out / "report.md").write_text(to_markdown(summary(metrics, pngs)))
     return out / "report.md"

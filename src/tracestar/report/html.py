@@ -253,159 +253,64 @@ def _sidebar_item(idx: int, res: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 # evaluation directory
 #
-# Rendered from metrics.json (what `tracestar eval` measured), not from report.md: the HTML is
-# built element by element, so lists, code and images are real elements and every value is escaped.
-
-def _method_name(method: str) -> str:
-    """The label the printed table uses too ("BM25", "fact-stating documents", ...)."""
-    from tracestar.evaluate.run import method_label
-
-    return method_label(method)
+# Drawn from metrics.json through `tracestar.evaluate.summary`, the blocks report.md is drawn from
+# too: the figures and labels are computed once, and here every value is escaped into real elements.
 
 
-def _num(x: Any, digits: int = 3) -> str:
-    """A metric as text: fixed decimals, tiny values in e-notation, '–' when absent."""
-    if x is None:
-        return "–"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return str(x)
-        if x != 0 and abs(x) < 10**-digits:
-            return f"{x:.2e}"
-        return f"{x:.{digits}f}"
-    return str(x)
+def _inline(parts: Sequence[tuple[str, str]]) -> str:
+    return "".join(f"<code>{_esc(text)}</code>" if style == "code" else _esc(text) for style, text in parts)
 
 
-def _code(value: Any) -> str:
-    return f"<code>{_esc(value)}</code>"
-
-
-def _table(head: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
-    """A table from already-escaped cells; columns from `numeric_from` on are right-aligned."""
+def _table(table) -> str:
+    """A `summary.Table` as HTML; columns from `numeric_from` on are right-aligned."""
     def row(cells: Sequence[str], tag: str) -> str:
-        attrs = ["" if j < numeric_from else ' class="num"' for j in range(len(cells))]
-        return "<tr>" + "".join(f"<{tag}{a}>{c}</{tag}>" for a, c in zip(attrs, cells)) + "</tr>"
+        attrs = ["" if j < table.numeric_from else ' class="num"' for j in range(len(cells))]
+        return "<tr>" + "".join(f"<{tag}{a}>{_esc(c)}</{tag}>" for a, c in zip(attrs, cells)) + "</tr>"
+
+    return f'<table class="md">{row(table.head, "th")}{"".join(row(r, "td") for r in table.rows)}</table>'
 
 
-    body = "".join(row(r, "td") for r in rows)
-    return f'<table class="md">{row(head, "th")}{body}</table>'
+def _accuracy(acc) -> str:
+    """A `summary.Accuracy` as a sentence, and the warning eval attached to it in a note box."""
+    if acc.value is None:
+        return '<p class="accuracy">Model: first-token accuracy not recorded in metrics.json.</p>'
+    on = f"on {_esc(acc.n_queries)} queries" if acc.n_queries is not None else "on the evaluation queries"
+    out = f'<p class="accuracy">Model: first-token accuracy <strong>{_esc(acc.value)}</strong> {on}.</p>'
+    if acc.warning:
+        text = acc.warning[:1].upper() + acc.warning[1:]
+        out += f'<p class="warn" role="note"><strong>Warning:</strong> {_esc(text)}.</p>'
+    return out
 
 
-def _methods(metrics: Mapping[str, Any]) -> list[str]:
-    """Method entries of metrics.json (as `tracestar eval` counts them), those that hold a dict."""
-    from tracestar.evaluate.run import methods_of
+def _figure(eval_dir: Path, name: str) -> str:
+    data = (eval_dir / name).read_bytes()
+    b64 = base64.b64encode(data).decode("ascii")
+    return (f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{_esc(name)}</figcaption></figure>")
 
-    return [m for m in methods_of(metrics) if isinstance(metrics[m], dict)]
 
+def _block(block, eval_dir: Path) -> str:
+    from tracestar.evaluate import summary as sm
 
-def _ks(metrics: Mapping[str, Any], methods: Sequence[str]) -> list[int]:
-    ks = (metrics.get("_settings") or {}).get("ks")
-    if ks:
-        return [int(k) for k in ks]
-    found: set[int] = set()
-    for m in methods:
-        found |= {int(k.split("@", 1)[1]) for k in metrics[m] if k.startswith("recall@") and k[7:].isdigit()}
-        found |= {int(k) for k in (metrics[m].get("tailpatch") or {}) if str(k).isdigit()}
-    return sorted(found)
+    if isinstance(block, sm.Accuracy):
+        return _accuracy(block)
+    if isinstance(block, sm.Heading):
+        return f"<h3>{_esc(block.text)}</h3>"
+    if isinstance(block, sm.Paragraph):
+        return f"<p>{_inline(block.parts)}</p>"
+    if isinstance(block, sm.Bullets):
+        return f'<ul class="settings">{"".join(f"<li>{_inline(item)}</li>" for item in block.items)}</ul>'
+    if isinstance(block, sm.Table):
+        return _table(block)
+    return _figure(eval_dir, block.name)
 
 
 def model_accuracy_note(metrics: Mapping[str, Any]) -> str:
     """The model's first-token accuracy (and the warning eval attached to it) as HTML; says so
     when metrics.json does not record it."""
-    model = metrics.get("model")
-    if not isinstance(model, dict) or "first_token_accuracy" not in model:
-        return '<p class="accuracy">Model: first-token accuracy not recorded in metrics.json.</p>'
-    acc = model.get("first_token_accuracy")
-    known = isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc)
-    value = f"<strong>{_esc(f'{acc:.1%}')}</strong>" if known else "<strong>unknown</strong>"
-    n = model.get("n_queries")
-    on = f"on {_esc(n)} queries" if n is not None else "on the evaluation queries"
-    out = f'<p class="accuracy">Model: first-token accuracy {value} {on}.</p>'
-    warning = model.get("accuracy_warning")
-    if warning:
-        text = str(warning).rstrip(".")
-        out += f'<p class="warn" role="note"><strong>Warning:</strong> {_esc(text[:1].upper() + text[1:])}.</p>'
-    return out
+    from tracestar.evaluate.summary import accuracy_of
 
-
-def _settings_list(s: Mapping[str, Any]) -> str:
-    items = []
-    if s.get("index") is not None:
-        items.append(f"index: {_code(s['index'])} (preconditioner: {_esc(s.get('index_preconditioner'))})")
-    if s.get("model") is not None:
-        items.append(f"model: {_code(s['model'])}")
-    if s.get("queries") is not None:
-        items.append(
-            f"queries: {_code(s['queries'])} — {_esc(s.get('n_queries'))} queries, "
-            f"{_esc(s.get('n_queries_with_relevant'))} with ground-truth documents"
-        )
-    for name, path in (s.get("variants") or {}).items():
-        items.append(f"variant {_code(name)}: {_code(path)}")
-    return f'<ul class="settings">{"".join(f"<li>{i}</li>" for i in items)}</ul>' if items else ""
-
-
-def _results_table(metrics: Mapping[str, Any], methods: Sequence[str], ks: Sequence[int]) -> str:
-    has_tp = any(metrics[m].get("tailpatch") for m in methods)
-    head = ["method", "MRR"] + [f"R@{k}" for k in ks]
-    if has_tp:
-        head += [f"Δlogp@{k}" for k in ks] + [f"Δp@{k}" for k in ks]
-    rows = []
-    for m in methods:
-        d = metrics[m]
-        row = [_esc(_method_name(m)), _esc(_num(d.get("mrr")))] + [_esc(_num(d.get(f"recall@{k}"))) for k in ks]
-        if has_tp:
-            tp = d.get("tailpatch") or {}
-            row += [_esc(_num((tp.get(str(k)) or {}).get("delta_logprob"), 4)) for k in ks]
-            row += [_esc(_num((tp.get(str(k)) or {}).get("delta_prob"), 4)) for k in ks]
-        rows.append(row)
-    return _table([_esc(h) for h in head], rows)
-
-
-def _bucket_table(metrics: Mapping[str, Any], methods: Sequence[str]) -> str:
-    methods = [m for m in methods if isinstance(metrics[m].get("by_bucket"), dict)]
-    if not methods:
-        return ""
-    buckets = list(dict.fromkeys(b for m in methods for b in metrics[m]["by_bucket"]))  # eval wrote them in order
-    head = ["bucket", "n"] + [f"{_method_name(m)} MRR" for m in methods] + [f"{_method_name(m)} R@10" for m in methods]
-    rows = []
-    for b in buckets:
-        cells = [(metrics[m]["by_bucket"].get(b) or {}) for m in methods]
-        n = next((c["n"] for c in cells if "n" in c), 0)
-        rows.append([_esc(b), _esc(n)] + [_esc(_num(c.get("mrr"))) for c in cells]
-                    + [_esc(_num(c.get("recall@10"))) for c in cells])
-    return "<h3>Attribution by bucket</h3>" + _table([_esc(h) for h in head], rows, numeric_from=1)
-
-
-def _tailpatch_note(tps: Mapping[str, Any]) -> str:
-    lr = tps.get("lr")
-    lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else str(lr)
-    return (
-        f"<p>Tail-patch: one {_code(tps.get('optimizer'))} step (state: {_code(tps.get('optimizer_state'))}) "
-        f"at lr = {_esc(lr_text)} on each proponent, dropout off, from the final checkpoint, restored between "
-        f"documents; {_esc(tps.get('n_queries'))} queries (bucket-stratified sample), {_esc(tps.get('seconds'))} s. "
-        f"“{_esc(_method_name('relevant'))}” = up to k of the ground-truth documents.</p>"
-    )
-
-
-def _metrics_html(metrics: Mapping[str, Any]) -> str:
-    s = metrics.get("_settings") if isinstance(metrics.get("_settings"), dict) else {}
-    methods = _methods(metrics)
-    parts = [model_accuracy_note(metrics), _settings_list(s)]
-    if methods:
-        about = "Attribution: MRR of the first document that states the fact; R@k = share of queries with one in the top k."
-        if any(metrics[m].get("tailpatch") for m in methods):
-            about += (
-                " Influence (tail-patch): mean increase of the target's log-probability (Δlogp) and probability "
-                "(Δp) after one training step on a single proponent, averaged over the top-k proponents and the queries."
-            )
-        parts.append(f"<h3>Results</h3><p>{_esc(about)}</p>")
-        parts.append(_results_table(metrics, methods, _ks(metrics, methods)))
-    if isinstance(s.get("tailpatch"), dict):
-        parts.append(_tailpatch_note(s["tailpatch"]))
-    parts.append(_bucket_table(metrics, methods))
-    return "".join(parts)
+    return _accuracy(accuracy_of(metrics))
 
 
 def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -426,27 +331,27 @@ def read_metrics(eval_dir: str | Path) -> dict | None:
     return metrics if isinstance(metrics, dict) else None
 
 
+def _pngs(eval_dir: Path) -> list[str]:
+    """The PNG files of an eval directory, by name; a file that only says it is a PNG is left out."""
+    names = []
+    for png in sorted(eval_dir.glob("*.png")):
+        with open(png, "rb") as fh:
+            if fh.read(len(_PNG_MAGIC)) == _PNG_MAGIC:
+                names.append(png.name)
+    return names
+
+
 def _eval_section(eval_dir: str | Path) -> str:
+    from tracestar.evaluate.summary import summary
+
     d = Path(eval_dir)
-    parts = []
     metrics = read_metrics(d)
-    if metrics is not None:
-        parts.append(_metrics_html(metrics))
-    elif (d / "metrics.json").exists():
-        parts.append('<p class="missing">metrics.json is unreadable or not a JSON object</p>')
-    for png in sorted(d.glob("*.png")):
-        data = png.read_bytes()
-        if not data.startswith(_PNG_MAGIC):
-            continue
-        b64 = base64.b64encode(data).decode("ascii")
-        parts.append(
-            f'<figure><img alt="{_esc(png.name)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{_esc(png.name)}</figcaption></figure>"
-        )
-    timings = ((metrics or {}).get("_settings") or {}).get("timings")
-    if isinstance(timings, dict) and timings:
-        parts.append("<p>Timings (s): " + ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in timings.items()) + "</p>")
-    if metrics is not None:
+    if metrics is None:  # the plots alone
+        parts = [_figure(d, name) for name in _pngs(d)]
+        if (d / "metrics.json").exists():
+            parts.insert(0, '<p class="missing">metrics.json is unreadable or not a JSON object</p>')
+    else:
+        parts = [_block(b, d) for b in summary(metrics, _pngs(d))]
         rows = "".join(
             f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v) if isinstance(v, float) else json.dumps(v))}</td></tr>"
             for k, v in _flatten(metrics)
@@ -589,9 +494,9 @@ def render_report(
     `opponents` as lists of `{"doc_id", "score"}`; an optional `bm25` list is used when `bm25` is
     not given). docs: doc_id -> text. token_scores: (query_id, doc_id) -> [(token, score), ...],
     rendered as a heat map scaled per document. bm25: query_id -> [{"doc_id", "score"}, ...],
-    shown beside the TrackStar list. eval_dir: a directory with `report.md`, `metrics.json` and
-    PNG plots, embedded as a section. Documents longer than `max_tokens` tokens / `max_chars`
-    characters are cut (with a note).
+    shown beside the TrackStar list. eval_dir: a directory written by `tracestar eval`; its
+    metrics.json and PNG plots are embedded as a section. Documents longer than `max_tokens`
+    tokens / `max_chars` characters are cut (with a note).
     """
     out_path = Path(out_path)
     sections, side = [], []
