@@ -337,6 +337,33 @@ def test_unknown_accuracy_is_null_and_warned(tmp_path):
     assert "first-token accuracy unknown" in format_table(m)
 
 
+def test_report_md_and_html_show_the_same_figures(tmp_path):
+    """One table model, two renderers: each row of report.md's tables is a row of the HTML section."""
+    from tracestar.evaluate.run import evaluate_results, model_summary, write_report
+    from tracestar.evaluate.summary import bucket_table, results_table
+    from tracestar.report import render_report
+
+    queries = [_q("q1", ["a"], "1"), _q("q2", ["b"], "2-3"), _q("q3", ["c"], "2-3")]
+    m = evaluate_results(queries, {"tracestar": [_res("q1", ["a"]), _res("q2", ["a", "b"]), _res("q3", ["c"])],
+                                   "bm25": [_res("q1", ["b", "c", "a"]), _res("q2", ["b"])]}, ks=(1, 3))
+    m["model"] = model_summary(0.5, 3)
+    write_report(m, tmp_path / "eval")
+    md = (tmp_path / "eval" / "report.md").read_text()
+    page = render_report([], {}, tmp_path / "r.html", eval_dir=tmp_path / "eval").read_text(encoding="utf-8")
+    rows = results_table(m).rows
+    # tracestar: ranks 1, 2, 1 -> MRR (1 + 1/2 + 1) / 3; BM25: rank 3, rank 1, miss -> (1/3 + 1 + 0) / 3
+    assert rows == (("tracestar", "0.833", "0.667", "1.000"), ("BM25", "0.444", "0.333", "0.667"))
+    buckets = bucket_table(m).rows
+    assert [r[:2] for r in buckets] == [("1", "1"), ("2-3", "2")]
+    for row in rows + buckets:
+        assert "| " + " | ".join(row) + " |" in md
+        html_row = f"<tr><td>{row[0]}</td>" + "".join(f'<td class="num">{c}</td>' for c in row[1:]) + "</tr>"
+        assert html_row in page
+    for text in ("first-token accuracy 50.0% on 3 queries", "is below 70%"):
+        assert text in md and text in page.replace("<strong>", "").replace("</strong>", "")
+    assert "attribution_by_bucket.png" in md and page.count('src="data:image/png;base64,') == 1
+
+
 def test_cli_eval(fake_api, capsys):
     from tracestar.cli import main
 
