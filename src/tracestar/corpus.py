@@ -349,7 +349,9 @@ class _SeenIds:
         self._recent.add(h)
         if len(self._recent) >= self.FLUSH:
             fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-            self._older = np.sort(np.concatenate([self._older, fresh]), kind="stable")  # two sorted-ish runs
+            merged = np.concatenate([self._older, fresh])  # the one copy: 16 bytes an id at the peak
+            merged.sort(kind="stable")  # a sorted run and a short one: timsort merges them
+            self._older = merged
             self._recent = set()
         return False
 
