@@ -349,10 +349,10 @@ class _SeenIds:
         self._recent.add(h)
         if len(self._recent) >= self.FLUSH:
             fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-            merged = np.concatenate([self._older, fresh])  # the one copy: 16 bytes an id at the peak
+            self._recent = set()  # freed before the copy below, which is the peak
+            merged = np.concatenate([self._older, fresh])  # 16 bytes an id while both exist
             merged.sort(kind="stable")  # a sorted run and a short one: timsort merges them
             self._older = merged
-            self._recent = set()
         return False
 
     def _in_older(self, h: int) -> bool:
