@@ -292,8 +292,8 @@ def test_duplicates_are_found_past_the_in_memory_window_and_collisions_are_not_d
 
 def test_reading_a_compressed_corpus_keeps_memory_flat(tmp_path):
     """tracemalloc's peak while reading 50,000 gzip lines vs 5,000: the growth per extra document
-    is its 8-byte id hash (measured: 8.0 bytes), far below its ~200 bytes of text — a reader that kept the documents, or a set of their id strings (~80 bytes a
-    document), would fail."""
+    is its 8-byte id hash (measured: 8.0 bytes), far below its ~200 bytes of text. A reader that
+    kept the documents, or a set of their id strings (~80 bytes a document), would fail."""
     import gzip
     import tracemalloc
 
