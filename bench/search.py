@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tracestar.index import exact as srch
 from tracestar.index import store as st
-from tracestar.index.compress import compress, search_compressed
-from tracestar.index import search as srch
-from tracestar.index.search import topk
+from tracestar.index.compress import compress
+from tracestar.index.exact import topk
+from tracestar.index.search import search_compressed
 from tracestar.index.store import IndexStore
+from tracestar.index.topk import to_result
 
 
 def best_time(fn, repeats: int = 3) -> float:
@@ -93,13 +95,13 @@ def write_index(path: Path, n: int, d: int, dtype: str, shard_docs: int, seed: i
 
 def matmul_only(store: IndexStore, q: np.ndarray, chunk: int | None) -> None:
     """The scan's stored-dtype matmuls alone over the same mmapped shards (no top-k, no re-score)."""
-    stored = srch.stored_dtype_of(store, "vectors")
+    stored = store.stored_dtype("vectors")
     q_low = torch.from_numpy(q).to(torch.bfloat16 if stored == "bfloat16" else torch.float16)
-    rows = chunk or srch._default_chunk_rows(store.dim, 2)
+    rows = chunk or srch.default_chunk_rows(store.dim, 2)
     for shard_no in range(len(store.shards)):
         block = store.load_shard("vectors", shard_no, verify=False)
         for lo in range(0, block.shape[0], rows):
-            srch._chunk_scores(q_low, srch._as_tensor(block[lo : lo + rows], stored))
+            srch._chunk_scores(q_low, srch.as_tensor(block[lo : lo + rows], stored))
 
 
 class ComputeRoof:
@@ -152,12 +154,13 @@ def scan_table(args, bw: Bandwidth, tmp: Path) -> None:
             roof = ComputeRoof(q, dtype)
             fns["roof"] = roof
             if args.inline:
-                fns["inline"] = lambda: srch._finish(*srch._scan_inline(
-                    store, srch._check_queries(store, q), 10, list(range(len(store.shards))),
+                qq = store.check_queries(q)
+                fns["inline"] = lambda: to_result(*srch._scan_inline(
+                    store, qq, 10, list(range(len(store.shards))), srch._Bounds.of(store, "vectors", qq),
                     kind="vectors", chunk_rows=chunk, verify=False), 10)
             best = best_times(fns, args.repeats)
             g = bw.gbps(best)
-            srch._scan(store, srch._check_queries(store, q), 10, list(range(len(store.shards))),
+            srch._scan(store, store.check_queries(q), 10, list(range(len(store.shards))),
                        kind="vectors", chunk_rows=chunk, verify=False, stats=stats)
             for name in [m for m in ("scan", "inline", "matmul only") if m in best]:
                 gbs = n * d * 2 / best[name] / 1e9

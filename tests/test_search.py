@@ -14,16 +14,11 @@ import torch
 
 from tracestar.errors import IndexStoreError
 from tracestar.index import store as st
-from tracestar.index.compress import (
-    _int8_chunk_scores,
-    compress,
-    dequantize_int8,
-    int8_query_terms,
-    quantize_int8,
-    search,
-    search_compressed,
-)
-from tracestar.index.search import brute_force, exact_scores, topk, topk_distributed
+from tracestar.index.canonical import brute_force, exact_scores
+from tracestar.index.compress import compress, dequantize_int8, quantize_int8
+from tracestar.index.exact import topk, topk_distributed
+from tracestar.index.int8 import _int8_chunk_scores, int8_query_terms
+from tracestar.index.search import search, search_compressed
 from tracestar.index.store import IndexStore
 
 D = 256
@@ -163,7 +158,7 @@ def test_int8_scores_match_float_math():
     got = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
     want = q_back.numpy() @ dequantize_int8(codes, scales, groups).astype(np.float64).T
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
-    import tracestar.index.compress as comp  # a torch build without an int8 gemm: the same bits
+    import tracestar.index.int8 as comp  # a torch build without an int8 gemm: the same bits
 
     saved, comp._HAS_INT_MM = comp._HAS_INT_MM, False
     try:
@@ -356,7 +351,7 @@ def test_duplicate_rows_tie_like_a_stable_sort(tmp_path, data, dtype):
 
 
 def test_certificate_failure_rescans(tmp_path, data, monkeypatch):
-    from tracestar.index import search as srch
+    from tracestar.index import exact as srch
 
     x, q = data
     store = make_index(tmp_path / "idx", x, "bfloat16", shard_docs=200)
@@ -429,7 +424,7 @@ def _noisy_dots(srch, orig):
 
 
 def test_canonical_scores_round_the_exact_dot_product_once(monkeypatch):
-    from tracestar.index import search as srch
+    from tracestar.index import canonical as srch
 
     q_mid, x_mid = _midpoint_rows(64)
     rng = np.random.default_rng(3)
@@ -487,7 +482,7 @@ def _split_twins(bf: np.ndarray, k: int) -> int:
 def test_duplicates_tie_like_a_stable_sort_wherever_they_sit(tmp_path, monkeypatch, dtype):
     """Copies at every offset within chunks (odd and power-of-two chunk sizes) and shards (odd
     size, so shard starts move the offsets too), straddling the top-k boundary of every query."""
-    from tracestar.index import search as srch
+    from tracestar.index import exact as srch
 
     k = 8
     x, q = twins_layout(1100, 6, k, seed=11)
@@ -508,7 +503,8 @@ def test_position_dependent_blas_noise_changes_nothing(tmp_path, monkeypatch):
     float32 ulps and float64 dot products by up to their error bound, both by the row's offset.
     Every result keeps its bits, duplicates still tie like a stable sort, and so do the int8 and
     PQ re-ranks."""
-    from tracestar.index import search as srch
+    from tracestar.index import canonical
+    from tracestar.index import exact as srch
 
     k = 8
     x, q = twins_layout(900, 5, k, seed=4)
@@ -517,14 +513,14 @@ def test_position_dependent_blas_noise_changes_nothing(tmp_path, monkeypatch):
     q_mid, x_mid = _midpoint_rows(D)  # and copies of rows whose float32 rounding is a coin toss
     mid = make_index(tmp_path / "mid", np.concatenate([x_mid, x[:61], x_mid, x[61:120], x_mid[::-1]]), "float32")
     mid_clean = brute_force(mid, q_mid)
-    chunk_scores, f64_dots = srch._chunk_scores, srch._f64_dots
+    chunk_scores, f64_dots = srch._chunk_scores, canonical._f64_dots
 
     def noisy_chunk(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
         s = chunk_scores(q_low, xc)
         return s + s.abs() * ((torch.arange(s.shape[1]) % 7 - 3) * 2.0**-22)
 
     monkeypatch.setattr(srch, "_chunk_scores", noisy_chunk)
-    monkeypatch.setattr(srch, "_f64_dots", _noisy_dots(srch, f64_dots))
+    monkeypatch.setattr(canonical, "_f64_dots", _noisy_dots(canonical, f64_dots))
     for dt, store in stores.items():
         np.testing.assert_array_equal(brute_force(store, q), clean[dt])
         for chunk in (None, 37, 64):

@@ -83,11 +83,7 @@ def stored_vector(index, doc_id: str) -> np.ndarray:
     row = index.store.row_of(doc_id)
     if row is None:
         raise UserError(f"{index.path}: no document with id {doc_id!r}")
-    for shard_no, info in enumerate(index.store.shards):
-        if info["start"] <= row < info["start"] + info["rows"]:
-            shard = index.store.load_shard("vectors", shard_no)
-            return as_float32(shard[row - info["start"]], index.manifest["dtype"])
-    raise UserError(f"{index.path}: row {row} is in no shard")  # pragma: no cover - manifest is consistent
+    return as_float32(index.store.gather("vectors", [row])[0], index.store.stored_dtype("vectors"))
 
 
 def _open(index):

@@ -8,16 +8,18 @@ complete, a corrupted shard is detected, and a finished shard can be trusted on 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from tracestar.errors import IndexStoreError
+from tracestar import files
+from tracestar.errors import IndexStoreError, UserError
+from tracestar.files import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,34 +36,9 @@ def shard_path(index_dir: str | Path, kind: str, shard_no: int) -> Path:
     return Path(index_dir) / kind / f"{shard_name(shard_no)}.npy"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_array(path: Path, array: np.ndarray) -> str:
     """Write one `.npy` atomically; returns its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return sha256_file(path)
+    return files.write_npy(path, array)
 
 
 def write_shard(index_dir: str | Path, kind: str, shard_no: int, array: np.ndarray) -> str:
@@ -72,7 +49,7 @@ def write_shard(index_dir: str | Path, kind: str, shard_no: int, array: np.ndarr
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    files.write_json(path, obj)
 
 
 def write_manifest(index_dir: str | Path, manifest: dict) -> None:
@@ -114,15 +91,27 @@ def read_doc_table(index_dir: str | Path) -> list[DocRow]:
     return rows
 
 
+# Shard memory maps a store keeps open for `gather` (each holds a file descriptor).
+_MAPS_KEPT = 64
+
+
 class IndexStore:
-    """Read access to a finished index: manifest, doc table, shards (memory-mapped, verified)."""
+    """Read access to a finished index: manifest, doc table, shards (memory-mapped, verified).
+
+    Every read of stored rows goes through `load_shard` (a whole shard, streamed by the scans) or
+    `gather` (given rows: re-scoring, explain, sampling), and every checksum through `verify_file`,
+    which checks each file once per store; so a corrupted file is refused on whichever path reads
+    it first, and never hashed twice.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self._docs: list[DocRow] | None = None
         self._rows: dict[str, int] | None = None
-        self._verified: set[tuple[str, int]] = set()
+        self._verified: set[tuple[str, str]] = set()  # (file, sha256) checked against the manifest
+        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # recently gathered shards
+        self._maps_lock = threading.Lock()  # `gather` runs on several threads at once
 
     @property
     def dim(self) -> int:
@@ -152,8 +141,50 @@ class IndexStore:
     def shards(self) -> list[dict]:
         return list(self.manifest["shards"])
 
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """[S] int64 first global row of each shard (ascending)."""
+        return np.array([int(s["start"]) for s in self.manifest["shards"]], dtype=np.int64)
+
     def has_kind(self, kind: str) -> bool:
         return all(s.get(f"{kind}_sha256") for s in self.shards)
+
+    def require_kind(self, kind: str) -> None:
+        """Refuse a search of `kind` shards the index does not have (saying why when they were dropped)."""
+        if not self.has_kind(kind):
+            dropped = (self.manifest.get("compressed") or {}).get("exact_dropped")
+            why = " (dropped by `tracestar compress --drop-exact`; search the compressed form)" if dropped else ""
+            raise IndexStoreError(f"{self.path}: no {kind}/ shards in this index{why}")
+
+    def stored_dtype(self, kind: str) -> str:
+        """How `kind` rows are stored: raw rows are float32; final vectors the manifest's dtype."""
+        if kind == "raw":
+            return "float32"
+        return str(self.manifest.get("dtype", "float16"))
+
+    def check_queries(self, queries: np.ndarray) -> np.ndarray:
+        """Query vectors as every search reads them: C-contiguous float32 [Q, D] (one vector → Q = 1)."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise UserError(f"query vectors have shape {tuple(q.shape)}, the index has dim {self.dim}")
+        if not np.isfinite(q).all():
+            raise UserError("query vectors contain NaN or inf")
+        return q
+
+    def compressed_forms(self) -> list[str]:
+        """The compressed forms this index has ("int8", "pq"), in `COMPRESSED_FORMS` order."""
+        comp = self.manifest.get("compressed") or {}
+        return [f for f in COMPRESSED_FORMS if f in comp]
+
+    def default_form(self) -> str | None:
+        """The compressed form a search uses unless told otherwise: the manifest's default, else the first."""
+        forms = self.compressed_forms()
+        if not forms:
+            return None
+        default = (self.manifest.get("compressed") or {}).get("default")
+        return default if default in forms else forms[0]
 
     def search_form(self, *, exact: bool = False, rerank: int | None = None) -> tuple[str, bool]:
         """(form, exact scores) that `tracestar query` searches with these options.
@@ -161,26 +192,33 @@ class IndexStore:
         form: "exact" (the full-precision `vectors/` scan) or the compressed form it scans for
         candidates, "int8" or "pq" (the manifest's default one). exact scores: whether the returned
         scores are exact — always for "exact"; for a compressed form when its candidates are
-        re-scored from `vectors/` (present, and `rerank` is not 0). Mirrors `compress.search`.
+        re-scored from `vectors/` (present, and `rerank` is not 0). `index.search.search` decides
+        with this.
         """
-        comp = self.manifest.get("compressed") or {}
-        forms = [f for f in COMPRESSED_FORMS if f in comp]
-        if exact or not forms:
+        form = self.default_form()
+        if exact or form is None:
             return "exact", True
-        form = comp.get("default") if comp.get("default") in forms else forms[0]
         return form, rerank != 0 and self.has_kind("vectors")
 
-    def verify_shard(self, kind: str, shard_no: int) -> None:
-        """Checksum one shard against the manifest (once per process)."""
-        if (kind, shard_no) in self._verified:
+    def verify_file(self, path: Path, sha256: str, *, what: str, remedy: str) -> None:
+        """Check one file the manifest lists against its sha256, once per store.
+
+        what: the file as the error names it ("shard", "compressed shard"…); remedy: how to
+        repair it. A missing file and a mismatch each raise one line naming the path.
+        """
+        key = (str(path), sha256)
+        if key in self._verified:
             return
-        info = self.shards[shard_no]
-        path = shard_path(self.path, kind, shard_no)
         if not path.exists():
-            raise IndexStoreError(f"{path}: missing shard listed in the manifest")
-        if sha256_file(path) != info[f"{kind}_sha256"]:
-            raise IndexStoreError(f"{path}: checksum mismatch — the shard is corrupted; rebuild it")
-        self._verified.add((kind, shard_no))
+            raise IndexStoreError(f"{path}: missing {what} listed in the manifest")
+        if sha256_file(path) != sha256:
+            raise IndexStoreError(f"{path}: checksum mismatch — the {what} is corrupted; {remedy}")
+        self._verified.add(key)
+
+    def verify_shard(self, kind: str, shard_no: int) -> None:
+        """Checksum one shard against the manifest (once per store)."""
+        sha = self.shards[shard_no][f"{kind}_sha256"]
+        self.verify_file(shard_path(self.path, kind, shard_no), sha, what="shard", remedy="rebuild it")
 
     def load_shard(self, kind: str, shard_no: int, *, verify: bool = True, mmap: bool = True) -> np.ndarray:
         """[rows, D] array of one shard; fp16 or float32, bf16 stored as uint16 (see `as_float32`)."""
@@ -193,6 +231,48 @@ class IndexStore:
                 f"{shard_path(self.path, kind, shard_no)}: shape {arr.shape}, manifest says ({info['rows']}, {self.dim})"
             )
         return arr
+
+    def _mapped(self, kind: str, shard_no: int, verify: bool) -> np.ndarray:
+        """One shard's memory map, kept for the next `gather` (opening one costs ~0.1 ms, as much
+        as gathering a hundred rows from it); at most `_MAPS_KEPT`, least recently used dropped."""
+        if verify:
+            self.verify_shard(kind, shard_no)
+        key = (kind, shard_no)
+        with self._maps_lock:
+            arr = self._maps.get(key)
+            if arr is not None:
+                self._maps.move_to_end(key)
+                return arr
+        arr = self.load_shard(kind, shard_no, verify=False)
+        with self._maps_lock:
+            self._maps[key] = arr
+            while len(self._maps) > _MAPS_KEPT:
+                self._maps.popitem(last=False)
+        return arr
+
+    def gather(self, kind: str, rows: np.ndarray, *, verify: bool = True) -> np.ndarray:
+        """[n, D] the stored rows at global row numbers `rows` [n] (any order, repeats allowed).
+
+        Stored encoding, as `load_shard` gives it (fp16 / float32; bf16 as uint16 bit patterns:
+        decode with `as_float32`). Sorted rows read each shard's pages in order. Raises
+        IndexError for a row outside the index.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            bad = int(rows.min()) if rows.min() < 0 else int(rows.max())
+            raise IndexError(f"{self.path}: row {bad} is outside the index's {self.n_rows} rows")
+        starts = self.shard_starts
+        shard_of = np.searchsorted(starts, rows, side="right") - 1  # [n]
+        used = np.unique(shard_of)
+        if used.size <= 1:  # the common case: one fancy-index read, no copy into `out`
+            s = int(used[0]) if used.size else 0
+            return self._mapped(kind, s, verify)[rows - starts[s]]
+        first = self._mapped(kind, int(used[0]), verify)
+        out = np.empty((rows.size, self.dim), dtype=first.dtype)
+        for s in used.tolist():
+            sel = shard_of == s
+            out[sel] = self._mapped(kind, s, verify)[rows[sel] - starts[s]]
+        return out
 
     def iter_shards(self, kind: str = "vectors", *, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, array) per shard, in row order."""
