@@ -40,6 +40,7 @@ keys) raise `NoSecondMoment`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,19 +124,68 @@ class OptimizerState:
             raise UserError(f"{self.source}: no optimizer state for parameter '{name}' (it was not trained with this optimizer)")
         shape = self.shapes[name]
         if _present(st, "row_var") and _present(st, "col_var"):
-            return SecondMoment("torch_adafactor", row=st["row_var"].reshape(shape[:-1]), col=st["col_var"].reshape(shape[:-2] + shape[-1:]))
+            row, col = self._checked(name, st, "row_var"), self._checked(name, st, "col_var")
+            return SecondMoment("torch_adafactor", row=row.reshape(shape[:-1]), col=col.reshape(shape[:-2] + shape[-1:]))
         if _present(st, "exp_avg_sq_row") and _present(st, "exp_avg_sq_col"):
-            return SecondMoment("hf_adafactor", row=st["exp_avg_sq_row"], col=st["exp_avg_sq_col"])
+            return SecondMoment("hf_adafactor", row=self._checked(name, st, "exp_avg_sq_row"),
+                                col=self._checked(name, st, "exp_avg_sq_col"))
         group = self.group_of(name)
         key = "max_exp_avg_sq" if group.get("amsgrad") and _present(st, "max_exp_avg_sq") else "exp_avg_sq"
         if _present(st, key) and self.optimizer not in ("adafactor", "hf_adafactor"):
-            v = st[key].double()
-            step = _as_int(st.get("step")) or 0
+            v = self._checked(name, st, key).double()
+            step = self._step(name, st)
             betas = group.get("betas")
             if betas is not None and step > 0:
-                v = v / (1.0 - float(betas[1]) ** step)  # Adam's bias correction
+                v = v / (1.0 - self._beta2(name, betas) ** step)  # Adam's bias correction
             return SecondMoment("adam", full=v)
         raise UserError(f"{self.source}: the {self.optimizer} state of '{name}' has no second moment (keys: {sorted(st)})")
+
+    def _checked(self, name: str, st: Mapping[str, Any], key: str) -> torch.Tensor:
+        """State tensor `key` of parameter `name` as a second moment: the shape the optimizer keeps
+        for that parameter, a floating-point dtype, finite, ≥ 0 and not zero everywhere. Anything
+        else is a diverged run or a damaged file, and V read from it would skew every score without
+        a sign (NaN spreads to every vector; an all-zero V becomes a 1e15 weight). Zeros in part
+        are legitimate (rows that saw no gradient) and are floored by the normalizer."""
+        v = st[key]
+        where = f"{self.source}: optimizer state '{key}' of parameter '{name}'"
+        want = _expected_shape(key, self.shapes[name])
+        if want is not None and tuple(v.shape) != want:
+            raise UserError(f"{where} has shape {_fmt(v.shape)}; the parameter needs {_fmt(want)}")
+        if not v.is_floating_point():
+            raise UserError(f"{where} has dtype {str(v.dtype).replace('torch.', '')}; a second moment is floating-point")
+        n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        if n_nan or n_inf:
+            raise UserError(f"{where} holds {n_nan} NaN and {n_inf} inf among {v.numel()} values "
+                            "(a diverged run or a damaged file); V cannot be read from it")
+        n_neg = int((v < 0).sum())
+        if n_neg:
+            raise UserError(f"{where} holds {n_neg} negative values (min {float(v.min()):.3g}); "
+                            "a second moment is a mean of squares")
+        if not bool((v > 0).any()):
+            raise UserError(f"{where} is zero everywhere (the optimizer never saw a gradient for it); "
+                            "pass --no-optimizer-correction, or a state from a run that trained it")
+        return v
+
+    def _step(self, name: str, st: Mapping[str, Any]) -> int:
+        """The step count of `name`'s entry (0 when the state keeps none): a whole number ≥ 0."""
+        raw = st.get("step")
+        step = _as_int(raw)
+        if raw is not None and (step is None or step < 0):
+            shown = raw.item() if torch.is_tensor(raw) and raw.numel() == 1 else raw
+            raise UserError(f"{self.source}: optimizer state 'step' of parameter '{name}' is {shown!r}; "
+                            "expected a count ≥ 0")
+        return step or 0
+
+    def _beta2(self, name: str, betas: Any) -> float:
+        """β₂ of `name`'s group for the bias correction: a number in [0, 1)."""
+        try:
+            beta2 = float(betas[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            beta2 = float("nan")
+        if not 0.0 <= beta2 < 1.0:
+            raise UserError(f"{self.source}: param group 'betas' of parameter '{name}' is {betas!r}; "
+                            "expected (β₁, β₂) with 0 ≤ β₂ < 1")
+        return beta2
 
     def missing_v_error(self) -> NoSecondMoment:
         """The one-line error for a state without V (the caller raises it, or estimates V instead)."""
@@ -569,9 +619,10 @@ def _present(st: Mapping[str, Any], key: str) -> bool:
 
 
 def _as_int(v: Any) -> int | None:
+    """A step count as an int; None when there is none or it is no finite number (NaN, a string)."""
     if torch.is_tensor(v) and v.numel() == 1:
-        return int(v.item())
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = v.item()
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return int(v)
     return None
 
