@@ -8,12 +8,13 @@
 - `tailpatch`: one training step per proponent, Δ log p(target | prompt) (`TailPatcher`, `tail_patch`)
 - `run`: `evaluate` (index + queries -> metrics.json, report.md, PNG plots), `write_report`
 - `demo`: `run_demo` (world -> train -> index -> evaluate, cached)
+- `lds`: `run_lds` (linear datamodeling score: retrain on subsets, Spearman of predicted vs actual)
 """
 
 from tracestar.evaluate.metrics import attribution_metrics, mrr, recall_at_k
 
 __all__ = ["attribution_metrics", "mrr", "recall_at_k", "BM25Retriever", "bm25_results", "TailPatcher",
-           "tail_patch", "evaluate", "evaluate_results", "write_report", "format_table", "run_demo"]
+           "tail_patch", "evaluate", "evaluate_results", "write_report", "format_table", "run_demo", "run_lds"]
 
 _LAZY = {
     "BM25Retriever": "tracestar.evaluate.bm25", "bm25_results": "tracestar.evaluate.bm25",
@@ -21,6 +22,7 @@ _LAZY = {
     "evaluate": "tracestar.evaluate.run", "evaluate_results": "tracestar.evaluate.run",
     "write_report": "tracestar.evaluate.run", "format_table": "tracestar.evaluate.run",
     "run_demo": "tracestar.evaluate.demo",
+    "run_lds": "tracestar.evaluate.lds",
 }
 
 
