@@ -269,6 +269,32 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_lds(sub) -> None:
+    p = sub.add_parser("lds", help="linear datamodeling score: retrain on random subsets, correlate predicted and actual change")
+    p.add_argument("--world", required=True, help="a `tracestar world` directory (corpus.jsonl, queries.jsonl)")
+    p.add_argument("--out", required=True, help="working directory: model/, runs/ (cached, resumable), indexes/, lds.json")
+    p.add_argument("--subsets", type=int, default=64, help="retraining runs M, at least 3 (default 64)")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the corpus in each subset, in (0, 1) (default 0.5)")
+    p.add_argument("--variants", nargs="+", default=["dot", "opt", "opt-norm", "train-r", "trackstar", "bm25", "random", "relevant"],
+                   help="ladder rungs, `exact` (full gradients; small worlds only) and baselines bm25, random, "
+                        "relevant (default: the ladder and the three baselines)")
+    p.add_argument("--proj-dim", type=int, default=4096, help="index dimension of every rung (default 4096)")
+    p.add_argument("--max-queries", type=int, default=None, help="score only the first N queries (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subsets, the models and the projection (default 0)")
+    p.set_defaults(func=_run_lds)
+
+
+def _run_lds(args) -> int:
+    from tracestar.evaluate.lds import format_lds_table, run_lds
+
+    results = run_lds(args.world, args.out, subsets=args.subsets, fraction=args.fraction, variants=args.variants,
+                      seed=args.seed, proj_dim=args.proj_dim, max_queries=args.max_queries)
+    if results:  # torchrun: rank 0 reports
+        print(format_lds_table(results))
+        print(f"lds: {args.out}/lds.json")
+    return 0
+
+
 # === compress (tracestar.index.compress) ===
 
 
@@ -439,7 +465,7 @@ def _run_serve(args) -> int:
 
 _COMMANDS: list = [
     _add_world, _add_train, _add_index, _add_query, _add_refit, _add_explain, _add_trace, _add_serve, _add_report, _add_compress,
-    _add_eval, _add_demo,
+    _add_eval, _add_demo, _add_lds,
 ]
 
 
