@@ -1,4 +1,5 @@
-"""BM25 baseline (DESIGN §2): lexical retrieval over the document text, query = prompt + target.
+"""BM25 baseline (docs/ARCHITECTURE.md, “Evaluation”): lexical retrieval over the document
+text, query = prompt + target.
 
 Results have the same shape as tracestar's, so the same metrics and tail-patch apply:
 ``{"query_id": str, "proponents": [{"doc_id": str, "score": float}, ...], "opponents": []}``.

@@ -1,4 +1,5 @@
-"""Attribution metrics of the paper's protocol (DESIGN §2): MRR and recall@k, overall and per bucket.
+"""Attribution metrics of the paper's protocol (docs/ARCHITECTURE.md, “Evaluation”): MRR and
+recall@k, overall and per bucket.
 
 A *result* is what `tracestar.api.Index.query` returns for one query:
 ``{"query_id": str, "proponents": [{"doc_id": str, "score": float}, ...], "opponents": [...]}``,

@@ -1,6 +1,6 @@
-"""The paper's evaluation (DESIGN §2) end to end: attribution (MRR, recall@k, per bucket) and
-influence (tail-patch) for tracestar, BM25, the ground-truth documents and any index variants;
-written as `metrics.json`, `report.md` and PNG plots.
+"""The paper's evaluation (docs/ARCHITECTURE.md, “Evaluation”) end to end: attribution (MRR,
+recall@k, per bucket) and influence (tail-patch) for tracestar, BM25, the ground-truth documents
+and any index variants; written as `metrics.json`, `report.md` and PNG plots.
 
 metrics.json::
 

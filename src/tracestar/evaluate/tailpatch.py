@@ -1,4 +1,4 @@
-"""Tail-patch (DESIGN §2, the paper's influence measure).
+"""Tail-patch (the paper's influence measure; docs/ARCHITECTURE.md, “Evaluation”).
 
 From the final checkpoint, take ONE training step on a single proponent document and measure how
 much the target's log-probability given the prompt goes up; then put the model (and the optimizer
