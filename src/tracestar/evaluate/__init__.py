@@ -1,4 +1,5 @@
-"""The paper's evaluation (DESIGN §2): attribution metrics, the BM25 baseline, tail-patch, the report.
+"""The paper's evaluation (docs/ARCHITECTURE.md, “Evaluation”): attribution metrics, the
+BM25 baseline, tail-patch, the report.
 
     from tracestar.evaluate import evaluate
     metrics = evaluate("index/", "queries.jsonl", "report/", bm25=True, tail_patch=True, max_queries=150)
@@ -7,6 +8,8 @@
 - `bm25`: BM25 over the document text, query = prompt + target (`BM25Retriever`, `bm25_results`)
 - `tailpatch`: one training step per proponent, Δ log p(target | prompt) (`TailPatcher`, `tail_patch`)
 - `run`: `evaluate` (index + queries -> metrics.json, report.md, PNG plots), `write_report`
+- `summary`: what a report says, built once from metrics.json (report.md here, HTML in `tracestar.report`);
+  `plots`: its PNG plots
 - `demo`: `run_demo` (world -> train -> index -> evaluate, cached)
 - `lds`: `run_lds` (linear datamodeling score: retrain on subsets, Spearman of predicted vs actual)
 """
