@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tracestar.build import finalize_vectors
+from tracestar.tracer import finalize_vectors
 from tracestar.preconditioner import RStats, auto_lambda, component_index, fit, inv_sqrt, r_ranges, spectrum
 from tracestar.projection import Block
 

@@ -17,15 +17,19 @@ import torch
 
 from tracestar import dist
 from tracestar.batching import encode_document
-from tracestar.build import BuildOptions, Tracer, build_index, finalize_vectors, refit  # noqa: F401 (re-exported)
+from tracestar.build import build_index
 from tracestar.corpus import Query, read_queries, write_jsonl
 from tracestar.errors import UserError, check_int
+from tracestar.index import writer
 from tracestar.index.store import IndexStore
 from tracestar.normalizer import Normalizer
+from tracestar.options import BuildOptions
 from tracestar.preconditioner import Preconditioner
 from tracestar.projection import Block
+from tracestar.refit import refit
+from tracestar.tracer import Tracer, finalize_vectors
 
-__all__ = ["BuildOptions", "Index", "Query", "build_index", "open_index", "refit", "query_file"]
+__all__ = ["BuildOptions", "Index", "Query", "build_index", "open_index", "query_file", "refit"]
 
 
 class Index:
@@ -36,8 +40,8 @@ class Index:
         self.store = IndexStore(self.path)
         self.manifest = self.store.manifest
         self.blocks = [Block.from_json(b) for b in self.manifest["projection"]["blocks"]]
-        self.normalizer = Normalizer.load(self.path / "normalizer.safetensors", self.manifest["normalizer"])
-        self.preconditioner = Preconditioner.load(self.path / "preconditioner.safetensors", self.manifest["preconditioner"])
+        self.normalizer = Normalizer.load(self.path / writer.NORMALIZER, self.manifest["normalizer"])
+        self.preconditioner = Preconditioner.load(self.path / writer.PRECONDITIONER, self.manifest["preconditioner"])
         self._tracer: Tracer | None = None
         self._capture = None
 

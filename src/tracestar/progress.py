@@ -6,8 +6,8 @@ Only rank 0 speaks, and `--quiet` silences everything, so a distributed build pr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from tracestar import dist
 

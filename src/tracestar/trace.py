@@ -191,7 +191,7 @@ def one_token(cont: Continuation, position: int, max_length: int, query_id: str 
 
 def piece_vectors(index, pieces: Sequence[Piece]) -> np.ndarray:
     """[N, D] final query vectors of the pieces: one forward and backward pass each, batched."""
-    from tracestar.build import finalize_vectors
+    from tracestar.tracer import finalize_vectors
 
     tracer = index.tracer()
     examples = [Example(i, p.example.ids, p.example.loss_from, p.example.truncated) for i, p in enumerate(pieces)]

@@ -13,11 +13,26 @@ import numpy as np
 import torch
 
 from tracestar import dist
-from tracestar.batching import TargetTooLong, bucketed, collate, encode_document, encode_query, forward_loss, pad_id
+from tracestar.batching import (
+    TargetTooLong,
+    bucketed,
+    collate,
+    encode_document,
+    encode_query,
+    forward_loss,
+    pad_id,
+)
 from tracestar.capture import FactoredCapture
 from tracestar.corpus import Document, Query
 from tracestar.errors import UserError
-from tracestar.model import coverage, load_model, model_fingerprint, model_window, tokenizer_hash, tracked_matrices
+from tracestar.model import (
+    coverage,
+    load_model,
+    model_fingerprint,
+    model_window,
+    tokenizer_hash,
+    tracked_matrices,
+)
 from tracestar.normalizer import Normalizer, estimate, from_optimizer_state, identity
 from tracestar.options import BuildOptions
 from tracestar.preconditioner import Preconditioner

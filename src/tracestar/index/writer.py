@@ -24,9 +24,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -334,7 +334,9 @@ def start_repair(out: Path, quiet: bool) -> dict | None:
 
 def _verify_built(out: Path, quiet: bool) -> tuple[dict, list[tuple[str, str]], int]:
     """(manifest, [(relative path, problem)], number of files checked) for every file it lists."""
-    from tracestar.index.store import read_manifest  # the reader's checks (format version, JSON)
+    from tracestar.index.store import (
+        read_manifest,  # the reader's checks (format version, JSON)
+    )
 
     try:
         manifest = read_manifest(out)
