@@ -27,16 +27,16 @@ import torch
 
 from tracestar import files
 from tracestar.errors import IndexStoreError, UserError, check_int
-from tracestar.index.int8 import INT8_DIR, Groups, int8_paths, whole_row
-from tracestar.index.pq import PQ_FILE, faiss_module
-from tracestar.index.store import (
+from tracestar.index.int8 import Groups, whole_row
+from tracestar.index.pq import faiss_module
+from tracestar.index.store import IndexStore, as_float32, read_manifest
+from tracestar.index.writer import (
     COMPRESSED_FORMS,
-    IndexStore,
-    as_float32,
-    read_manifest,
-    sha256_file,
+    INT8_DIR,
+    PQ_FILE,
+    VECTORS,
+    int8_paths,
     shard_path,
-    write_array,
     write_manifest,
 )
 
@@ -83,11 +83,11 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray, groups: Groups | None
 
 def _compress_int8(store: IndexStore, *, verify: bool, block_rows: int = 4096) -> dict:
     """Write the int8 codes and scales of every shard, `block_rows` rows at a time; returns the manifest entry."""
-    stored = store.stored_dtype("vectors")
+    stored = store.stored_dtype(VECTORS)
     groups = block_groups(store)
     shards = []
     for shard_no, info in enumerate(store.shards):
-        block = store.load_shard("vectors", shard_no, verify=verify)
+        block = store.load_shard(VECTORS, shard_no, verify=verify)
         codes = np.empty(block.shape, dtype=np.int8)
         scales = np.empty((block.shape[0], len(groups)), dtype=np.float32)
         for lo in range(0, block.shape[0], block_rows):
@@ -99,8 +99,8 @@ def _compress_int8(store: IndexStore, *, verify: bool, block_rows: int = 4096) -
                 "name": info["name"],
                 "start": int(info["start"]),
                 "rows": int(info["rows"]),
-                "codes_sha256": write_array(cpath, codes),
-                "scales_sha256": write_array(spath, scales),
+                "codes_sha256": files.write_npy(cpath, codes),
+                "scales_sha256": files.write_npy(spath, scales),
             }
         )
     return {
@@ -126,12 +126,12 @@ def default_pq_m(dim: int, nbits: int = 8) -> int:
 
 def _sample_rows(store: IndexStore, n: int, seed: int, verify: bool) -> np.ndarray:
     """float32 [min(n, rows), D]: a seeded random sample of the index's rows, in row order."""
-    stored = store.stored_dtype("vectors")
+    stored = store.stored_dtype(VECTORS)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(store.n_rows, size=min(n, store.n_rows), replace=False))
     out = np.empty((pick.size, store.dim), dtype=np.float32)
     for lo in range(0, pick.size, _SAMPLE_BATCH):  # the stored copy stays one batch big
-        out[lo : lo + _SAMPLE_BATCH] = as_float32(store.gather("vectors", pick[lo : lo + _SAMPLE_BATCH], verify=verify), stored)
+        out[lo : lo + _SAMPLE_BATCH] = as_float32(store.gather(VECTORS, pick[lo : lo + _SAMPLE_BATCH], verify=verify), stored)
     return out
 
 
@@ -216,9 +216,9 @@ def _compress_pq(
     train = _sample_rows(store, train_rows, seed, verify)
     index, nprobe = _trained_pq(faiss, train, m, nbits, nlist, niter=niter, seed=seed)
     del train
-    stored = store.stored_dtype("vectors")
+    stored = store.stored_dtype(VECTORS)
     for shard_no, _info in enumerate(store.shards):
-        block = store.load_shard("vectors", shard_no, verify=verify)
+        block = store.load_shard(VECTORS, shard_no, verify=verify)
         for lo in range(0, block.shape[0], 8192):
             index.add(np.ascontiguousarray(as_float32(np.asarray(block[lo : lo + 8192]), stored)))
     path = Path(store.path) / PQ_FILE
@@ -239,7 +239,7 @@ def _compress_pq(
         "bytes_per_doc": code_bytes + (8 if nlist else 0),  # IVF lists also store an int64 id
         "code_bytes_per_doc": code_bytes,
         "file_bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": files.sha256_file(path),
     }
 
 
@@ -271,14 +271,14 @@ def compress(
     check_int("--nbits", nbits, minimum=1, maximum=16)
     check_int("--nlist", nlist, minimum=0, optional=True)
     store = IndexStore(index_dir)
-    if not store.has_kind("vectors"):
+    if not store.has_kind(VECTORS):
         raise IndexStoreError(f"{index_dir}: no vectors/ shards to compress (already dropped?)")
     t0 = time.perf_counter()
     if kind == "int8":
         entry = _compress_int8(store, verify=verify)
     else:
         entry = _compress_pq(store, m=m, nbits=nbits, nlist=nlist, train_rows=train_rows, niter=niter, seed=seed, verify=verify)
-    entry["source_dtype"] = store.stored_dtype("vectors")
+    entry["source_dtype"] = store.stored_dtype(VECTORS)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     entry["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -315,8 +315,8 @@ def drop_exact_vectors(index_dir: str | Path) -> None:
     manifest["compressed"] = comp
     write_manifest(index_dir, manifest)
     for shard_no in range(len(shards)):
-        shard_path(index_dir, "vectors", shard_no).unlink(missing_ok=True)
+        shard_path(index_dir, VECTORS, shard_no).unlink(missing_ok=True)
     try:
-        (Path(index_dir) / "vectors").rmdir()
+        (Path(index_dir) / VECTORS).rmdir()
     except OSError:
         pass

@@ -13,8 +13,6 @@ do in the exact search, and the running lists keep the exact search's tie order.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -22,9 +20,7 @@ from tracestar.errors import IndexStoreError
 from tracestar.index.exact import as_tensor, default_chunk_rows
 from tracestar.index.store import IndexStore
 from tracestar.index.topk import RunningTopK, merge_above_threshold, side_lists
-
-COMPRESSED_DIR = "compressed"
-INT8_DIR = f"{COMPRESSED_DIR}/int8"
+from tracestar.index.writer import int8_paths
 
 Groups = list[tuple[int, int]]  # [offset, size] column ranges sharing a scale within a row
 
@@ -36,11 +32,6 @@ def whole_row(dim: int) -> Groups:
 def entry_groups(entry: dict, dim: int) -> Groups:
     """The groups of an int8 manifest entry (entries written before groups existed: one per row)."""
     return [(int(o), int(n)) for o, n in entry.get("groups") or whole_row(dim)]
-
-
-def int8_paths(index_dir: str | Path, shard_no: int) -> tuple[Path, Path]:
-    d = Path(index_dir) / INT8_DIR
-    return d / f"shard-{shard_no:05d}.npy", d / f"scales-{shard_no:05d}.npy"
 
 
 def _load_int8(store: IndexStore, shard_no: int, entry: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:

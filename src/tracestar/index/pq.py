@@ -15,10 +15,7 @@ from typing import Any
 import numpy as np
 
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.index.int8 import COMPRESSED_DIR
 from tracestar.index.store import IndexStore
-
-PQ_FILE = f"{COMPRESSED_DIR}/pq.faiss"
 
 # The FAISS index read for a store, keyed by the store, with the sha256 it was read at: reading
 # one costs a file's worth of IO, and a long-lived store (a server's) searches it many times.

@@ -1,9 +1,13 @@
-"""The on-disk index: a directory anyone can open with numpy (format in docs/ARCHITECTURE.md).
+"""Reading an index: a directory anyone can open with numpy (format in docs/ARCHITECTURE.md).
 
 Why this shape: vector shards are plain `.npy` (memory-mappable, no custom reader), each written
 under a temporary name and renamed when complete, and the manifest — written last — lists every
 shard with its row count and sha256. So an interrupted build never leaves a file that looks
 complete, a corrupted shard is detected, and a finished shard can be trusted on resume.
+
+This module reads; `index/writer.py` writes and names every file. The writer's names and writing
+functions are imported here under their old `store.` names for the scripts that build small
+indexes by hand (tests, benches); each exists once, there.
 """
 
 from __future__ import annotations
@@ -13,49 +17,24 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from tracestar import files
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.files import sha256_file
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DOCS = "docs.jsonl"
-KINDS = ("raw", "vectors")
-COMPRESSED_FORMS = ("int8", "pq")  # as `compress.FORMS` lists them; the first is the fallback default
-
-
-def shard_name(shard_no: int) -> str:
-    return f"shard-{shard_no:05d}"
-
-
-def shard_path(index_dir: str | Path, kind: str, shard_no: int) -> Path:
-    return Path(index_dir) / kind / f"{shard_name(shard_no)}.npy"
-
-
-def write_array(path: Path, array: np.ndarray) -> str:
-    """Write one `.npy` atomically; returns its sha256."""
-    return files.write_npy(path, array)
-
-
-def write_shard(index_dir: str | Path, kind: str, shard_no: int, array: np.ndarray) -> str:
-    """Write `kind/shard-NNNNN.npy`; returns its sha256 for the manifest."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown shard kind {kind!r}")
-    return write_array(shard_path(index_dir, kind, shard_no), array)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    files.write_json(path, obj)
-
-
-def write_manifest(index_dir: str | Path, manifest: dict) -> None:
-    manifest = dict(manifest)
-    manifest.setdefault("format_version", FORMAT_VERSION)
-    write_json(Path(index_dir) / MANIFEST, manifest)
+from tracestar.files import sha256_file, write_json  # noqa: F401 (re-exported)
+from tracestar.files import write_npy as write_array  # noqa: F401 (re-exported)
+from tracestar.index.writer import (  # noqa: F401 (re-exported)
+    COMPRESSED_FORMS,
+    DOCS,
+    FORMAT_VERSION,
+    KINDS,
+    MANIFEST,
+    shard_name,
+    shard_path,
+    write_manifest,
+    write_shard,
+)
 
 
 def read_manifest(index_dir: str | Path) -> dict:
