@@ -66,14 +66,28 @@ def encode_document(tokenizer, text: str, row: int, max_length: int) -> Example:
     return Example(row=row, ids=ids, loss_from=1, truncated=truncated)
 
 
-class TargetTooLong(UserError):
+class UnusableTarget(UserError):
+    """A query target that cannot be scored; `problem` says why, and the caller names the query."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(f"field 'target': {problem}")
+
+
+class TargetTooLong(UnusableTarget):
     """A query target that cannot be scored whole within `max_length` positions (one goes to context)."""
 
     def __init__(self, n_target: int, max_length: int):
         self.n_target, self.max_length = n_target, max_length
-        self.problem = (f"{n_target} tokens do not fit in {max_length} positions (the model's window or "
-                        f"--max-length), which leave room for {max_length - 1} after one token of context")
-        super().__init__(f"field 'target': {self.problem}")
+        super().__init__(f"{n_target} tokens do not fit in {max_length} positions (the model's window or "
+                         f"--max-length), which leave room for {max_length - 1} after one token of context")
+
+
+class EmptyTarget(UnusableTarget):
+    """A target with no tokens: its loss is 0 and its gradient zero, so every score would be 0."""
+
+    def __init__(self) -> None:
+        super().__init__("tokenizes to no tokens, so there is nothing to attribute")
 
 
 def encode_query(tokenizer, prompt: str, target: str, row: int, max_length: int) -> Example:
@@ -82,7 +96,8 @@ def encode_query(tokenizer, prompt: str, target: str, row: int, max_length: int)
 
     Too long for `max_length`: the prompt is cut from the left (its oldest tokens go, the ones
     nearest the target stay), and every target token is kept — a target scored in part would be
-    another query. A target that does not fit even after one context token raises `TargetTooLong`.
+    another query. A target that does not fit even after one context token raises `TargetTooLong`,
+    one with no tokens at all `EmptyTarget`.
     """
     target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     return query_example(query_prompt_ids(tokenizer, prompt), target_ids, row, max_length)
@@ -99,6 +114,8 @@ def query_example(prompt_ids: list[int], target_ids: list[int], row: int, max_le
     """A query from token ids (a generated continuation has ids, not text): the prompt is cut from
     the left to fit `max_length`, every target token is kept, as `encode_query` describes."""
     prompt_ids, target_ids = list(prompt_ids), list(target_ids)
+    if not target_ids:
+        raise EmptyTarget()
     if len(target_ids) > max_length - 1:
         raise TargetTooLong(len(target_ids), max_length)
     truncated = len(prompt_ids) + len(target_ids) > max_length

@@ -14,7 +14,7 @@ import torch
 
 from tracestar import dist
 from tracestar.batching import (
-    TargetTooLong,
+    UnusableTarget,
     bucketed,
     collate,
     encode_document,
@@ -94,12 +94,13 @@ class Tracer:
 
 
 def encode_queries(tokenizer, queries: list[Query], max_length: int) -> list:
-    """Queries as `Example`s; a target that cannot fit is refused naming the query's file and line."""
+    """Queries as `Example`s; a target that cannot be scored (too long, no tokens) is refused naming
+    the query's file and line."""
     examples = []
     for i, q in enumerate(queries):
         try:
             examples.append(encode_query(tokenizer, q.prompt, q.target, i, max_length))
-        except TargetTooLong as exc:
+        except UnusableTarget as exc:
             raise UserError(f"{q.describe()}: field 'target': {exc.problem}") from None
     return examples
 
