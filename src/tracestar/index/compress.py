@@ -182,8 +182,7 @@ def _trained_pq(faiss, train: np.ndarray, m: int, nbits: int, nlist: int, *, nit
         index.by_residual = False  # codebooks are trained on the vectors themselves
         nprobe = max(1, min(nlist, nlist // 8))
         index.nprobe = nprobe
-        index.own_fields = False
-        index._quantizer_ref = quantizer  # keep it alive while `index` lives
+        # faiss's Python constructor keeps a reference to `quantizer`, so it lives as long as `index`
     else:
         index = faiss.IndexPQ(d, m, nbits, faiss.METRIC_INNER_PRODUCT)
         nprobe = None
