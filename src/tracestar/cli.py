@@ -15,7 +15,7 @@ import typing
 from typing import Iterable, Mapping
 
 from tracestar.errors import UserError
-from tracestar.options import BuildOptions
+from tracestar.options import MAX_NEW_TOKENS_LIMIT, BuildOptions, EvalOptions, ServeOptions, TraceOptions
 
 
 DESCRIPTION = """\
@@ -51,7 +51,7 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, names: Iterable[str], *,
                 help: Mapping[str, str | None] | None = None, inherit_defaults: bool = True) -> None:
     """One option per dataclass field in `names`, from the field's type, default and metadata.
 
-    The help text and argparse extras (`flag`, `choices`) live on the field (`tracestar.options`),
+    The help text and argparse extras (`flag`, `choices`, `nargs`, `metavar`) live on the field (`tracestar.options`),
     so a default is written once. A bool that defaults to True becomes `--no-<name>`; `help`
     replaces a field's text; without `inherit_defaults` every option defaults to None (a command
     that falls back to values recorded elsewhere, as `refit` does to the source index's).
@@ -69,8 +69,14 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, names: Iterable[str], *,
                            help=text)
             continue
         kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
-        p.add_argument(flag, dest=name, type=None if kind is str else kind, choices=meta.get("choices"),
-                       default=default if inherit_defaults else None, help=text)
+        extra = {k: v for k, v in meta.items() if k not in ("help", "flag")}  # choices, nargs, metavar
+        p.add_argument(flag, dest=name, type=None if kind is str else kind, default=default if inherit_defaults else None,
+                       help=text, **extra)
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    """All of a dataclass's field names, in order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 # --- subcommands (each block: _add_X declares, _run_X calls the library) ---------------------------
@@ -182,11 +188,7 @@ def _run_query(args) -> int:
     from tracestar.index.store import IndexStore
 
     results = query_file(args.index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank)
-    form, exact_scores = IndexStore(args.index).search_form(exact=args.exact, rerank=args.rerank)
-    if form == "exact":
-        searched = "exact (full-precision vectors)"
-    else:
-        searched = f"{form} ({'candidates re-scored exactly' if exact_scores else 'approximate scores'})"
+    searched = _searched(IndexStore(args.index), exact=args.exact, rerank=args.rerank)
     print(f"{len(results)} queries → {args.out}; searched: {searched}")
     return 0
 
@@ -199,6 +201,14 @@ _REFIT_OPTIONS = {
     "fit_docs": "documents sampled for R_train (default: the index's)",
     "damping": "added to R's spectrum, times its mean eigenvalue; > 0 (default: the index's)",
 }
+
+
+def _searched(store, *, exact: bool, rerank: int | None) -> str:
+    """Which form a search reads, in words (`query` and `trace` print it)."""
+    form, exact_scores = store.search_form(exact=exact, rerank=rerank)
+    if form == "exact":
+        return "exact (full-precision vectors)"
+    return f"{form} ({'candidates re-scored exactly' if exact_scores else 'approximate scores'})"
 
 
 def _add_refit(sub) -> None:
@@ -227,15 +237,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--queries", required=True, help="queries JSONL with `relevant` (and `bucket`) per query")
     p.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNG plots)")
-    p.add_argument("--bm25", action="store_true", help="add the BM25 baseline (query = prompt + target)")
-    p.add_argument("--tail-patch", dest="tail_patch", action="store_true",
-                   help="measure influence: one training step per proponent, Δ log p(target | prompt)")
-    p.add_argument("--k", default="1,3,5,10", help="comma-separated k for recall@k and tail-patch (default 1,3,5,10)")
-    p.add_argument("--variants", nargs="*", default=[], metavar="DIR", help="more index directories to compare")
-    p.add_argument("--model", dest="model_dir", default=None, help="model directory (default: the index's model)")
-    p.add_argument("--lr", type=float, default=None, help="tail-patch learning rate, > 0 (default: the trainer's)")
-    p.add_argument("--max-queries", dest="max_queries", type=int, default=None,
-                   help="tail-patch at most N queries (a bucket-stratified sample); attribution uses all")
+    _add_fields(p, EvalOptions, _fields(EvalOptions))
     p.set_defaults(func=_run_eval)
 
 
@@ -248,8 +250,8 @@ def _run_eval(args) -> int:
         raise UserError(f"--k: expected comma-separated integers, got {args.k!r}") from None
     if not ks or min(ks) < 1:
         raise UserError(f"--k: expected positive integers, got {args.k!r}")
-    metrics = evaluate(args.index, args.queries, args.out, bm25=args.bm25, tail_patch=args.tail_patch, ks=ks,
-                       variants=args.variants, model_dir=args.model_dir, lr=args.lr, max_queries=args.max_queries)
+    chosen = {name: getattr(args, name) for name in _fields(EvalOptions) if name != "k"}
+    metrics = evaluate(args.index, args.queries, args.out, ks=ks, **chosen)
     print(format_table(metrics))
     print(f"report: {args.out}/report.md (metrics.json, PNG plots beside it)")
     return 0
@@ -334,7 +336,8 @@ def _add_explain(sub) -> None:
     p.add_argument("--prompt", help="the query's prompt (with --target, instead of --queries/--query-id)")
     p.add_argument("--target", help="the completion whose support is explained; only its tokens are scored")
     p.add_argument("--model", help="model directory (default: the manifest's)")
-    p.add_argument("--json", action="store_true", help="print {doc_id, doc_score, tokens: [{token, score}]}")
+    p.add_argument("--json", action="store_true",
+                   help="print {doc_id, doc_score, position_convention, tokens: [{position, token, score, special}]}")
     p.set_defaults(func=_run_explain)
 
 
@@ -376,6 +379,7 @@ def _add_report(sub) -> None:
     p.add_argument("--no-explain", dest="explain", action="store_false",
                    help="skip per-token heat maps (faster; plain document text)")
     p.add_argument("--model", dest="model_dir", default=None, help="model directory for per-token explanations")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while explaining")
     p.set_defaults(func=_run_report)
 
 
@@ -383,7 +387,7 @@ def _run_report(args) -> int:
     from tracestar.report import build_report
 
     out = build_report(args.results, args.index, args.out, eval_dir=args.eval_dir,
-                       explain=args.explain, model_dir=args.model_dir)
+                       explain=args.explain, model_dir=args.model_dir, quiet=args.quiet)
     print(out)
     return 0
 
@@ -395,17 +399,7 @@ def _add_trace(sub) -> None:
     p = sub.add_parser("trace", help="let the model answer a prompt (greedy), then find the documents behind the answer")
     p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
     p.add_argument("--prompt", required=True, help="the prompt the model answers")
-    p.add_argument("--target", help="trace this completion instead of generating one (tokenized as `query` does)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="most tokens to generate, 1 to 1024 and below the index's max_length (default 32)")
-    p.add_argument("--top-k", type=int, default=10, help="proponents and opponents to show, ≥ 1 (default 10)")
-    p.add_argument("--per-target-token", action="store_true",
-                   help="also trace each generated token on its own (its prefix: the prompt and the tokens before it)")
-    p.add_argument("--no-explain", dest="explain", action="store_false",
-                   help="scores only, no per-token snippets (one backward pass per listed document fewer)")
-    p.add_argument("--model", help="model directory (default: the manifest's; must match the index)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object: a `query` result plus `generation` (and `per_token`)")
+    _add_fields(p, TraceOptions, _fields(TraceOptions))
     p.set_defaults(func=_run_trace)
 
 
@@ -414,7 +408,7 @@ def _run_trace(args) -> int:
 
     from tracestar.api import check_search_options, open_index
     from tracestar.errors import check_int
-    from tracestar.trace import MAX_NEW_TOKENS_LIMIT, format_trace, trace
+    from tracestar.trace import format_trace, trace
 
     check_search_options(args.top_k, None)
     check_int("--max-new-tokens", args.max_new_tokens, minimum=1, maximum=MAX_NEW_TOKENS_LIMIT)
@@ -425,9 +419,7 @@ def _run_trace(args) -> int:
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
-    form, exact_scores = index.store.search_form(exact=False, rerank=None)
-    searched = "exact (full-precision vectors)" if form == "exact" else \
-        f"{form} ({'candidates re-scored exactly' if exact_scores else 'approximate scores'})"
+    searched = _searched(index.store, exact=False, rerank=None)
     print(format_trace(result, searched=searched))
     return 0
 
@@ -435,13 +427,7 @@ def _run_trace(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="a local web app: type a prompt, see the answer and the documents behind it")
     p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; another exposes the corpus)")
-    p.add_argument("--port", type=int, default=8765, help="port, 0 to 65535; 0 picks a free one (default 8765)")
-    p.add_argument("--model", help="model directory (default: the manifest's; must match the index)")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="the most tokens a request may generate, 1 to 1024 and below the index's max_length (default 64)")
-    p.add_argument("--top-k", type=int, default=10, help="documents per list, 1 to 100 (default 10)")
+    _add_fields(p, ServeOptions, _fields(ServeOptions))
     p.set_defaults(func=_run_serve)
 
 
@@ -449,7 +435,7 @@ def _run_serve(args) -> int:
     from tracestar.errors import check_int
 
     check_int("--port", args.port, minimum=0, maximum=65535)
-    check_int("--max-new-tokens", args.max_new_tokens, minimum=1, maximum=1024)
+    check_int("--max-new-tokens", args.max_new_tokens, minimum=1, maximum=MAX_NEW_TOKENS_LIMIT)
     check_int("--top-k", args.top_k, minimum=1, maximum=100)
     if not args.host.strip():
         raise UserError("--host: empty; give an address such as 127.0.0.1")

@@ -1,7 +1,9 @@
-"""What an index build is asked to do: the options that fix its bytes, and the ablation ladder.
+"""What each command is asked to do: the options, their defaults and their help, in one place.
 
-One place for every option and its default, so the CLI, the Python API, `refit` and the manifest
-agree on them.
+`BuildOptions` (with the ablation ladder) fixes an index's bytes, so the CLI, the Python API,
+`refit` and the manifest must agree on it; `EvalOptions`, `TraceOptions` and `ServeOptions` are the
+other commands with many options. The CLI generates its options from these fields (`_opt` puts the
+help text on them), so each default is written once.
 """
 
 from __future__ import annotations
@@ -160,3 +162,58 @@ class BuildOptions:
             if d[key]:
                 d[key] = str(Path(d[key]).resolve())
         return d
+
+
+# --- the other commands with many options -------------------------------------------------------
+
+#: Default and largest continuation length of `tracestar trace` (the server has its own default).
+DEFAULT_MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS_LIMIT = 1024
+#: The k of recall@k and of tail-patch's top-k proponents.
+DEFAULT_KS = (1, 3, 5, 10)
+
+
+@dataclass
+class EvalOptions:
+    """What `tracestar eval` is asked besides the index, the queries and the report directory.
+
+    The command runs BM25 and tail-patch only when asked (tail-patch takes minutes on a CPU);
+    `evaluate` in Python runs both unless told not to. `k` is the command line's spelling of
+    `evaluate`'s `ks`.
+    """
+
+    bm25: bool = _opt(False, "add the BM25 baseline (query = prompt + target)")
+    tail_patch: bool = _opt(False, "measure influence: one training step per proponent, Δ log p(target | prompt)")
+    k: str = _opt(",".join(map(str, DEFAULT_KS)), "comma-separated k for recall@k and tail-patch (default %(default)s)")
+    variants: tuple[str, ...] = _opt((), "more index directories to compare", nargs="*", metavar="DIR")
+    model_dir: str | None = _opt(None, "model directory (default: the index's model)", flag="--model")
+    lr: float | None = _opt(None, "tail-patch learning rate, > 0 (default: the trainer's)")
+    max_queries: int | None = _opt(None, "tail-patch at most N queries (a bucket-stratified sample); attribution uses all")
+
+
+@dataclass
+class TraceOptions:
+    """What `tracestar trace` is asked besides the index and the prompt."""
+
+    target: str | None = _opt(None, "trace this completion instead of generating one (tokenized as `query` does)")
+    max_new_tokens: int = _opt(DEFAULT_MAX_NEW_TOKENS, f"most tokens to generate, 1 to {MAX_NEW_TOKENS_LIMIT} and "
+                                                       f"below the index's max_length (default %(default)s)")
+    top_k: int = _opt(10, "proponents and opponents to show, ≥ 1 (default %(default)s)")
+    per_target_token: bool = _opt(False, "also trace each generated token on its own (its prefix: the prompt and the "
+                                         "tokens before it)")
+    explain: bool = _opt(True, "scores only, no per-token snippets (one backward pass per listed document fewer)")
+    model: str | None = _opt(None, "model directory (default: the manifest's; must match the index)")
+    json: bool = _opt(False, "print one JSON object: a `query` result plus `generation` (and `per_token`)")
+
+
+@dataclass
+class ServeOptions:
+    """What `tracestar serve` is asked besides the index; `tracestar.serve.serve`'s defaults too."""
+
+    host: str = _opt("127.0.0.1", "address to listen on (default %(default)s: this machine only; another exposes "
+                                  "the corpus)")
+    port: int = _opt(8765, "port, 0 to 65535; 0 picks a free one (default %(default)s)")
+    model: str | None = _opt(None, "model directory (default: the manifest's; must match the index)")
+    max_new_tokens: int = _opt(64, f"the most tokens a request may generate, 1 to {MAX_NEW_TOKENS_LIMIT} and below "
+                                   f"the index's max_length (default %(default)s)")
+    top_k: int = _opt(10, "documents per list, 1 to 100 (default %(default)s)")

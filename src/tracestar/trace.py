@@ -32,10 +32,7 @@ import torch
 
 from tracestar.batching import Example, TargetTooLong, query_example, query_prompt_ids
 from tracestar.errors import OptionError, UserError, check_int
-
-#: Default and largest continuation length of `tracestar trace` (the server has its own bound).
-DEFAULT_MAX_NEW_TOKENS = 32
-MAX_NEW_TOKENS_LIMIT = 1024
+from tracestar.options import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 SNIPPET_MARK = "**"  # around the tokens that carry most of a document's score, in a snippet
 
 

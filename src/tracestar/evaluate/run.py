@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 from tracestar.corpus import Query, read_queries, write_jsonl
 from tracestar.errors import OptionError, check_float, check_int
 from tracestar.evaluate.metrics import attribution_metrics, relevant_ids, sort_buckets
+from tracestar.options import DEFAULT_KS
 from tracestar.evaluate.summary import (  # noqa: F401 (format_table, methods_of, method_label: re-exported)
-    DEFAULT_KS,
     NOT_METHODS,
     format_table,
     method_label,

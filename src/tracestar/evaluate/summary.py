@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tracestar.evaluate.metrics import sort_buckets
-
-DEFAULT_KS = (1, 3, 5, 10)
+from tracestar.options import DEFAULT_KS
 #: How the tables and the plots name a method (metrics.json keeps the keys).
 METHOD_LABELS = {"bm25": "BM25", "relevant": "fact-stating documents"}
 #: Top-level keys of the metrics that are not methods (besides those starting with "_").

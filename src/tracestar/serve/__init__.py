@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from tracestar.options import ServeOptions
 from tracestar.serve.app import LOOPBACK, create_app
 from tracestar.serve.engine import Engine
 
@@ -39,9 +40,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(index_dir, *, host: str = "127.0.0.1", port: int = 8765, model_dir=None, max_new_tokens: int = 64,
-          top_k: int = 10) -> None:
-    """Load the index and its model, then answer until interrupted (Ctrl-C)."""
+def serve(index_dir, *, host: str = ServeOptions.host, port: int = ServeOptions.port, model_dir=None,
+          max_new_tokens: int = ServeOptions.max_new_tokens, top_k: int = ServeOptions.top_k) -> None:
+    """Load the index and its model, then answer until interrupted (Ctrl-C). The defaults are
+    `tracestar serve`'s (`tracestar.options.ServeOptions`)."""
     import uvicorn
 
     engine = Engine(index_dir, model_dir=model_dir, max_new_tokens=max_new_tokens, top_k=top_k)
