@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from tracestar.errors import InputError
+from tracestar.errors import InputError, UserError
 
 #: What `corpus_format` returns (the manifest records it).
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "hf")
@@ -60,6 +60,15 @@ class Query:
     target: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     where: str | None = field(default=None, compare=False, repr=False)  # "path:line", for error messages
+
+    def __post_init__(self) -> None:
+        # A query built in Python skips the file checks; the tokenizer would fail with a traceback
+        # on these, so they are refused here, named by the query.
+        for name in ("prompt", "target"):
+            value = getattr(self, name)
+            problem = f"expected a string, got {type(value).__name__}" if not isinstance(value, str) else _surrogate(value)
+            if problem:
+                raise UserError(f"{self.describe()}: field '{name}': {problem}")
 
     def describe(self) -> str:
         """Where the query came from, for a one-line error: `path:line` or `query 'id'`."""
@@ -323,11 +332,18 @@ def _string_field(path: Path, line: int, rec: Any, name: str, *, required: bool,
         raise InputError(path, line, name, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise InputError(path, line, name, "empty")
-    bad = _SURROGATE.search(value)
-    if bad:
-        raise InputError(path, line, name, f"holds a lone surrogate (\\u{ord(bad.group()):04x} at character "
-                                           f"{bad.start() + 1}), which no UTF-8 text can")
+    problem = _surrogate(value)
+    if problem:
+        raise InputError(path, line, name, problem)
     return value
+
+
+def _surrogate(value: str) -> str | None:
+    """Why `value` cannot be text (a lone surrogate, which JSON can escape but UTF-8 cannot hold)."""
+    bad = _SURROGATE.search(value)
+    if bad is None:
+        return None
+    return f"holds a lone surrogate (\\u{ord(bad.group()):04x} at character {bad.start() + 1}), which no UTF-8 text can"
 
 
 class _SeenIds:
