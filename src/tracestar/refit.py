@@ -2,7 +2,7 @@
 
 A new R costs a pass over stored vectors, not over the model: the raw shards, their sidecars,
 the doc table and V are linked from the source index, and the build's phases 3–4 (R, final
-vectors, manifest; `build.finalize`) run on them. The model runs only on the eval queries of a
+vectors, manifest; `finalize.py`) run on them. The model runs only on the eval queries of a
 mixed R. A rerun on a finished refit verifies and repairs it, as a rerun of a build does.
 """
 
@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from tracestar import dist
-from tracestar.build import describe_work, finalize
 from tracestar.corpus import read_queries
 from tracestar.errors import IndexStoreError, UserError
+from tracestar.finalize import describe_work, finalize
 from tracestar.index import writer
 from tracestar.index.store import read_manifest
 from tracestar.normalizer import Normalizer

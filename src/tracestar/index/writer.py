@@ -384,7 +384,7 @@ def _remove_damaged(out: Path, manifest: dict, damaged: list[tuple[str, str]], q
     """Delete each damaged file and what is computed from it, so the resumed build redoes them.
 
     raw shard → it and its final vectors (R is refitted only if its sample read that shard, see
-    `build._r_inputs`); final vectors → them; V → everything; R → R (vectors follow if it
+    `finalize._r_inputs`); final vectors → them; V → everything; R → R (vectors follow if it
     changes); doc table → nothing (always rewritten); a compressed form → the form.
     """
     doomed: set[str] = set()
