@@ -10,7 +10,6 @@ not bare wall times: the machine is shared and absolute times move with its load
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -20,12 +19,12 @@ import numpy as np
 import torch
 
 from tracestar.index import exact as srch
-from tracestar.index import store as st
 from tracestar.index.compress import compress
 from tracestar.index.exact import topk
 from tracestar.index.search import search_compressed
 from tracestar.index.store import IndexStore
 from tracestar.index.topk import to_result
+from tracestar.testing import clustered, random_unit_blocks, write_index
 
 
 def best_time(fn, repeats: int = 3) -> float:
@@ -75,22 +74,6 @@ def bandwidth(gb: float = 1.0) -> dict:
     out = bw.gbps(best_times(bw.fns()))
     out["copy_GBps"] = out["copy_rw_GBps"] / 2
     return out
-
-
-def write_index(path: Path, n: int, d: int, dtype: str, shard_docs: int, seed: int = 0, x: np.ndarray | None = None) -> IndexStore:
-    rng = np.random.default_rng(seed)
-    shards = []
-    for s, lo in enumerate(range(0, n, shard_docs)):
-        rows = min(shard_docs, n - lo)
-        blk = x[lo : lo + rows] if x is not None else rng.standard_normal((rows, d), dtype=np.float32)
-        blk = blk / np.linalg.norm(blk, axis=1, keepdims=True)
-        sha = st.write_shard(path, "vectors", s, st.encode_dtype(blk, dtype))
-        shards.append({"name": st.shard_name(s), "start": lo, "rows": rows, "raw_sha256": None, "vectors_sha256": sha})
-    with open(path / st.DOCS, "w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"row": i, "doc_id": f"d{i}", "n_tokens": 1, "truncated": False}) + "\n")
-    st.write_manifest(path, {"dim": d, "dtype": dtype, "unit_norm": True, "n_docs": n, "shard_docs": shard_docs, "shards": shards})
-    return IndexStore(path)
 
 
 def matmul_only(store: IndexStore, q: np.ndarray, chunk: int | None) -> None:
@@ -144,7 +127,7 @@ def scan_table(args, bw: Bandwidth, tmp: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         path = tmp / f"scan-{dtype}"
-        store = write_index(path, n, d, dtype, shard_docs=max(1, (256 << 20) // (2 * d)))
+        store = write_index(path, random_unit_blocks(n, d, max(1, (256 << 20) // (2 * d))), dtype)
         store.verify()
         for chunk in args.chunks:
             stats: dict = {}
@@ -229,16 +212,6 @@ def compressed_table(store: IndexStore, q: np.ndarray, args, label: str, relevan
                   f"{ov(r.opp_rows, ex.opp_rows):.3f} | {dmrr} | {t / exact_t:.2f} | {build:.1f} |", flush=True)
 
 
-def clustered(n: int, d: int, n_q: int, seed: int = 0, clusters: int = 64, noise: float = 0.7):
-    rng = np.random.default_rng(seed)
-    cent = rng.standard_normal((clusters, d)).astype(np.float32)
-    x = cent[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    q = x[rng.integers(0, n, n_q)] + 0.5 * rng.standard_normal((n_q, d), dtype=np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return x, q.astype(np.float32)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=16384)
@@ -284,7 +257,7 @@ def main() -> None:
             return
         x, q = clustered(args.comp_rows, args.comp_dim, args.n_queries)
         path = tmp / "comp"
-        store = write_index(path, len(x), x.shape[1], "float16", shard_docs=8192, x=x)
+        store = write_index(path, x, "float16", shard_docs=8192)
         compressed_table(store, q, args, "synthetic clustered")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

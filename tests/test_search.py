@@ -6,12 +6,12 @@ import json
 import os
 import pickle
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tracestar import testing
 from tracestar.errors import IndexStoreError
 from tracestar.index import store as st
 from tracestar.index.canonical import brute_force, exact_scores
@@ -20,35 +20,13 @@ from tracestar.index.exact import topk, topk_distributed
 from tracestar.index.int8 import _int8_chunk_scores, int8_query_terms
 from tracestar.index.search import search, search_compressed
 from tracestar.index.store import IndexStore
+from tracestar.testing import unit, write_index
 
 D = 256
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def make_index(path: Path, x: np.ndarray, dtype: str = "float16", shard_docs: int = 100) -> IndexStore:
-    path.mkdir(parents=True, exist_ok=True)
-    n, d = x.shape
-    shards = []
-    for s, lo in enumerate(range(0, n, shard_docs)):
-        blk = x[lo : lo + shard_docs]
-        sha = st.write_shard(path, "vectors", s, st.encode_dtype(blk, dtype))
-        shards.append({"name": st.shard_name(s), "start": lo, "rows": len(blk), "raw_sha256": None, "vectors_sha256": sha})
-    with open(path / st.DOCS, "w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"row": i, "doc_id": f"doc{i}", "n_tokens": 5, "truncated": False}) + "\n")
-    st.write_manifest(path, {"dim": d, "dtype": dtype, "unit_norm": True, "n_docs": n, "shard_docs": shard_docs, "shards": shards})
-    return IndexStore(path)
-
-
-def clustered(n: int, n_q: int, seed: int = 0, clusters: int = 40, noise: float = 0.7):
-    rng = np.random.default_rng(seed)
-    cent = rng.standard_normal((clusters, D))
-    x = unit(cent[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, D)))
-    q = unit(x[rng.integers(0, n, n_q)] + 0.5 * rng.standard_normal((n_q, D)))
-    return x, q
+def clustered(n: int, n_q: int, seed: int = 0, clusters: int = 40, noise: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    return testing.clustered(n, D, n_q, seed=seed, clusters=clusters, noise=noise)
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,7 +42,7 @@ def data():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_topk_equals_brute_force(tmp_path, data, dtype):
     x, q = data
-    store = make_index(tmp_path / "idx", x, dtype, shard_docs=200)
+    store = write_index(tmp_path / "idx", x, dtype, shard_docs=200)
     bf = brute_force(store, q)
     decoded = st.as_float32(st.encode_dtype(x, dtype), dtype).astype(np.float64)
     np.testing.assert_allclose(bf, q.astype(np.float64) @ decoded.T, rtol=1e-6, atol=1e-9)  # exact dot products
@@ -83,14 +61,14 @@ def test_stored_dtype_close_to_float32(tmp_path, data):
     x, q = data
     exact = q @ x.T
     for dtype in ("float16", "bfloat16"):
-        store = make_index(tmp_path / dtype, x, dtype, shard_docs=300)
+        store = write_index(tmp_path / dtype, x, dtype, shard_docs=300)
         r = topk(store, q, 5)
         np.testing.assert_allclose(r.prop_scores, np.take_along_axis(exact, r.prop_rows, 1), atol=1e-3)
 
 
 def test_k_larger_than_rows_returns_all(tmp_path):
     x, q = clustered(37, 3)
-    store = make_index(tmp_path / "idx", x, "bfloat16", shard_docs=10)
+    store = write_index(tmp_path / "idx", x, "bfloat16", shard_docs=10)
     r = topk(store, q, 100)
     assert r.prop_rows.shape == (3, 37) and r.opp_rows.shape == (3, 37)
     for row in r.prop_rows:
@@ -101,7 +79,7 @@ def test_k_larger_than_rows_returns_all(tmp_path):
 
 def test_corrupted_shard_raises(tmp_path, data):
     x, q = data
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=200)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=200)
     path = st.shard_path(store.path, "vectors", 2)
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
@@ -112,7 +90,7 @@ def test_corrupted_shard_raises(tmp_path, data):
 
 def test_exact_scores_gathers_rows(tmp_path, data):
     x, q = data
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=200)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=200)
     rows = np.array([[0, 749, 5, -1, 0]] * len(q))
     s = exact_scores(store, q, rows)
     bf = brute_force(store, q)
@@ -174,7 +152,7 @@ def test_int8_scores_match_float_math():
 
 def test_int8_compress_search_and_rerank(tmp_path):
     x, q = clustered(1200, 8)
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=500)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=500)
     ex = topk(store, q, 10)
     entry = compress(store.path, "int8")
     man = json.loads((store.path / "manifest.json").read_text())
@@ -197,7 +175,7 @@ def test_int8_breaks_ties_between_duplicates_like_exact_search(tmp_path):
     x, _ = clustered(400, 1, seed=5)
     x[100:] = np.repeat(x[:10], 30, axis=0)  # 31 identical copies of each of rows 0..9
     q = x[:10].copy()  # each query's best score is shared by 31 rows, more than k
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=150)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=150)
     ex = topk(store, q, 10)
     for i in range(10):
         assert sorted(ex.prop_rows[i].tolist()) == [i] + list(range(100 + 30 * i, 109 + 30 * i))
@@ -213,7 +191,7 @@ def test_int8_breaks_ties_between_duplicates_like_exact_search(tmp_path):
 
 def test_int8_groups_follow_projection_blocks_and_old_entries_still_load(tmp_path):
     x, q = clustered(300, 4)
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=300)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=300)
     man = json.loads((store.path / "manifest.json").read_text())
     man["projection"] = {"blocks": [{"name": f"b{i}", "k": 8, "params": [], "offset": 64 * i} for i in range(4)]}
     st.write_manifest(store.path, man)
@@ -236,7 +214,7 @@ def test_int8_groups_follow_projection_blocks_and_old_entries_still_load(tmp_pat
 
 def test_pq_recall_and_rerank(tmp_path):
     x, q = clustered(2000, 8, seed=3)
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=1000)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=1000)
     ex = topk(store, q, 10)
     entry = compress(store.path, "pq", niter=6)
     assert entry["m"] == D // 4 and entry["code_bytes_per_doc"] <= 2 * D // 4  # ≤ ¼ of fp16 bytes
@@ -256,7 +234,7 @@ def test_ivf_pq_trains_writes_and_searches(tmp_path):
     """An inverted file (`nlist`, the default above IVF_MIN_ROWS rows) over the PQ codes: written,
     read back with its nprobe, and its re-ranked candidates carry exact scores."""
     x, q = clustered(2000, 8, seed=3)
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=1000)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=1000)
     ex = topk(store, q, 10)
     entry = compress(store.path, "pq", m=32, nlist=8, niter=4)
     assert (entry["faiss"], entry["nlist"], entry["nprobe"]) == ("IndexIVFPQ", 8, 1)
@@ -271,7 +249,7 @@ def test_ivf_pq_trains_writes_and_searches(tmp_path):
 
 def test_pq_corrupted_raises(tmp_path):
     x, q = clustered(600, 2)
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=600)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=600)
     compress(store.path, "pq", m=32, niter=2)
     path = store.path / "compressed/pq.faiss"
     raw = bytearray(path.read_bytes())
@@ -283,7 +261,7 @@ def test_pq_corrupted_raises(tmp_path):
 
 def test_drop_exact(tmp_path):
     x, q = clustered(400, 4)
-    store = make_index(tmp_path / "idx", x, "bfloat16", shard_docs=150)
+    store = write_index(tmp_path / "idx", x, "bfloat16", shard_docs=150)
     ex = topk(store, q, 5)
     compress(store.path, "int8", drop_exact=True)
     store = IndexStore(store.path)
@@ -302,7 +280,7 @@ def test_cli_compress(tmp_path, capsys):
     from tracestar.cli import main
 
     x, _ = clustered(300, 1)
-    store = make_index(tmp_path / "idx", x, "float16", shard_docs=100)
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=100)
     assert main(["compress", "--index", str(store.path), "--kind", "int8"]) == 0
     assert "bytes/doc" in capsys.readouterr().out
     assert "int8" in IndexStore(store.path).manifest["compressed"]
@@ -329,7 +307,7 @@ def test_distributed_equals_single_process(tmp_path, data):
     import torch.multiprocessing as mp
 
     x, q = data
-    store = make_index(tmp_path / "idx", x, "bfloat16", shard_docs=100)  # 8 shards
+    store = write_index(tmp_path / "idx", x, "bfloat16", shard_docs=100)  # 8 shards
     single = topk(store, q, 7)
     assert topk_distributed(store, q, 7).prop_rows.tolist() == single.prop_rows.tolist()  # no group: topk
     out = tmp_path / "out"
@@ -362,7 +340,7 @@ def test_duplicate_rows_tie_like_a_stable_sort(tmp_path, data, dtype):
     x, q = data
     rng = np.random.default_rng(5)
     x = np.concatenate([x[:300], x[rng.integers(0, 300, 300)]])  # exact duplicates: equal scores
-    store = make_index(tmp_path / "idx", x, dtype, shard_docs=128)
+    store = write_index(tmp_path / "idx", x, dtype, shard_docs=128)
     for chunk in (None, 50):
         _assert_matches_brute_force(store, q, 12, chunk_rows=chunk)
 
@@ -371,7 +349,7 @@ def test_certificate_failure_rescans(tmp_path, data, monkeypatch):
     from tracestar.index import exact as srch
 
     x, q = data
-    store = make_index(tmp_path / "idx", x, "bfloat16", shard_docs=200)
+    store = write_index(tmp_path / "idx", x, "bfloat16", shard_docs=200)
     monkeypatch.setitem(srch._MARGIN, "bfloat16", 0)  # lists of exactly k: the band overflows them
     stats: dict = {}
     srch._scan(store, q, 10, list(range(len(store.shards))), kind="vectors", chunk_rows=64, verify=True, stats=stats)
@@ -388,7 +366,7 @@ def test_non_unit_vectors_and_fp16_overflow(tmp_path, data, dtype):
     x, q = data
     rng = np.random.default_rng(7)
     scale = rng.uniform(0.5, 400.0, size=(len(x), 1)).astype(np.float32)  # 400² overflows fp16 scores
-    store = make_index(tmp_path / "idx", x * scale, dtype, shard_docs=200)
+    store = write_index(tmp_path / "idx", x * scale, dtype, shard_docs=200)
     man = json.loads((store.path / "manifest.json").read_text())
     man["unit_norm"] = False
     st.write_manifest(store.path, man)
@@ -503,7 +481,7 @@ def test_duplicates_tie_like_a_stable_sort_wherever_they_sit(tmp_path, monkeypat
 
     k = 8
     x, q = twins_layout(1100, 6, k, seed=11)
-    store = make_index(tmp_path / "idx", x, dtype, shard_docs=333)
+    store = write_index(tmp_path / "idx", x, dtype, shard_docs=333)
     assert _split_twins(brute_force(store, q), k) >= 8  # the boundary cuts through ties
     for chunk in (None, 37, 64, 200):
         _assert_matches_brute_force(store, q, k, chunk_rows=chunk)
@@ -525,10 +503,10 @@ def test_position_dependent_blas_noise_changes_nothing(tmp_path, monkeypatch):
 
     k = 8
     x, q = twins_layout(900, 5, k, seed=4)
-    stores = {dt: make_index(tmp_path / dt, x, dt, shard_docs=301) for dt in ("float16", "bfloat16", "float32")}
+    stores = {dt: write_index(tmp_path / dt, x, dt, shard_docs=301) for dt in ("float16", "bfloat16", "float32")}
     clean = {dt: brute_force(s, q) for dt, s in stores.items()}
     q_mid, x_mid = _midpoint_rows(D)  # and copies of rows whose float32 rounding is a coin toss
-    mid = make_index(tmp_path / "mid", np.concatenate([x_mid, x[:61], x_mid, x[61:120], x_mid[::-1]]), "float32")
+    mid = write_index(tmp_path / "mid", np.concatenate([x_mid, x[:61], x_mid, x[61:120], x_mid[::-1]]), "float32")
     mid_clean = brute_force(mid, q_mid)
     chunk_scores, f64_dots = srch._chunk_scores, canonical._f64_dots
 
