@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from tracestar.errors import InputError, UserError
+from tracestar.files import write_jsonl  # noqa: F401 (re-exported: corpora, queries and results are written atomically)
 
 #: What `corpus_format` returns (the manifest records it).
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "hf")
@@ -439,14 +440,3 @@ def read_queries(path: str | Path) -> list[Query]:
     if not queries:
         raise InputError(p, None, None, "no queries")
     return queries
-
-
-def write_jsonl(path: str | Path, records: list[dict] | Iterator[dict]) -> None:
-    """Write records atomically: a crash leaves the old file or none, never half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(p)

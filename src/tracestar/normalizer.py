@@ -31,6 +31,7 @@ from typing import Iterable
 
 import torch
 
+from tracestar.files import write_safetensors
 from tracestar.model import Tracked
 from tracestar.optim_state import NoSecondMoment, OptimizerState  # noqa: F401 (NoSecondMoment re-exported)
 from tracestar.optim_state import read as read_optimizer_state
@@ -60,15 +61,11 @@ class Normalizer:
         return {"kind": self.kind, "source": self.source, "eps": self.eps, **self.details}
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         tensors = {}
         for name, s in self.scales.items():
             tensors[f"{name}.row"] = s.row.contiguous()
             tensors[f"{name}.col"] = s.col.contiguous()
-        tmp = Path(str(path) + ".tmp")
-        save_file(tensors, str(tmp), metadata={"kind": self.kind, "source": str(self.source)})
-        tmp.replace(path)
+        write_safetensors(path, tensors, metadata={"kind": self.kind, "source": str(self.source)})
 
     @staticmethod
     def load(path: str | Path, info: dict) -> "Normalizer":

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
+from tracestar.files import write_safetensors
 from tracestar.options import DEFAULT_DAMPING, DEFAULT_R_BLOCK
 from tracestar.projection import Block
 
@@ -194,13 +195,9 @@ class Preconditioner:
     def save(self, path: str | Path) -> None:
         """R^{-1/2} per range and the ranges. (Older indexes' files also hold each range's float64
         Σ g gᵀ as `{train,eval}.r{i}.sum` and the counts; `load` reads past them.)"""
-        from safetensors.torch import save_file
-
         tensors = {f"r{i}.inv_sqrt": m.contiguous() for i, m in enumerate(self.mats)}
         tensors["ranges"] = torch.tensor(self.ranges, dtype=torch.int64).reshape(-1, 2)
-        tmp = Path(str(path) + ".tmp")
-        save_file(tensors, str(tmp), metadata={"kind": self.kind})
-        tmp.replace(path)
+        write_safetensors(path, tensors, metadata={"kind": self.kind})
 
     @staticmethod
     def load(path: str | Path, info: dict) -> "Preconditioner":

@@ -396,7 +396,7 @@ def run_lds(
     from tracestar import dist
     from tracestar.corpus import iter_documents
     from tracestar.world import train_model
-    from tracestar.world.train import corpus_hash
+    from tracestar.files import sha256_file
 
     check_lds_options(subsets, fraction, variants, max_queries, proj_dim, seed)
     corpus, queries_path = world_files(world)
@@ -417,9 +417,9 @@ def run_lds(
     masks = subset_masks(len(texts), subsets, fraction, seed)
     from tracestar.world.train import TrainConfig
 
-    base_key = {"train": asdict(TrainConfig(seed=seed, **train_cfg)), "corpus": corpus_hash(corpus),
+    base_key = {"train": asdict(TrainConfig(seed=seed, **train_cfg)), "corpus": sha256_file(corpus),
                 "queries": [[q.prompt, q.target] for q in queries],
-                "tokenizer": corpus_hash(model_dir / "tokenizer.json")}
+                "tokenizer": sha256_file(model_dir / "tokenizer.json")}
     trainer = SubsetTrainer(model_dir, texts, queries, train_cfg, seed)
     actual = collect_runs(out / "runs", masks, base_key, len(queries), trainer, rank=dist.rank(), world=dist.world(), quiet=quiet)
     dist.barrier()

@@ -24,7 +24,6 @@ influence).
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 from tracestar.corpus import Query, read_queries, write_jsonl
 from tracestar.errors import OptionError, check_float, check_int
+from tracestar.files import write_json
 from tracestar.evaluate.metrics import attribution_metrics, relevant_ids, sort_buckets
 from tracestar.options import DEFAULT_KS
 from tracestar.evaluate.summary import (  # noqa: F401 (format_table, methods_of, method_label: re-exported)
@@ -294,9 +294,7 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(out / "metrics.json")
+    write_json(out / "metrics.json", metrics, ensure_ascii=False)
     pngs = plot(metrics, out)
     (out / "report.md").write_text(to_markdown(summary(metrics, pngs)))
     return out / "report.md"

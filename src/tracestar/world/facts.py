@@ -37,13 +37,14 @@ where the two disagree.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from tracestar.files import write_jsonl
 
 #: Frequency buckets: label -> (smallest, largest) number of documents stating a fact.
 BUCKETS: dict[str, tuple[int, int]] = {"1": (1, 1), "2-3": (2, 3), "4-10": (4, 10), "11+": (11, 13)}
@@ -490,15 +491,6 @@ def _assemble(drafts: list[_Draft], rng: random.Random) -> list[tuple[str, str]]
     return docs
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """UTF-8, one object per line, fixed key order: the same world is the same bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def build_world(*, seed: int = 0, scale: str = "full") -> tuple[list[tuple[str, str]], list[Fact], list[dict]]:
     """The world in memory: (documents as (id, text), every fact, query records)."""
     if scale not in SCALES:
@@ -541,9 +533,9 @@ def make_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> Wo
     docs, facts, queries = build_world(seed=seed, scale=scale)
     query_of = {(q["relation"], q["prompt"]): q["id"] for q in queries}
     paths = WorldPaths(out / "corpus.jsonl", out / "queries.jsonl", out / "facts.jsonl")
-    _write_jsonl(paths.corpus, ({"id": i, "text": t} for i, t in docs))
-    _write_jsonl(paths.queries, queries)
-    _write_jsonl(
+    write_jsonl(paths.corpus, ({"id": i, "text": t} for i, t in docs))
+    write_jsonl(paths.queries, queries)
+    write_jsonl(
         paths.facts,
         (
             {

@@ -24,7 +24,6 @@ pool that waits for a descheduled partner made each step up to seven times slowe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -37,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tracestar.batching import encode_document
+from tracestar.files import sha256_file, write_json
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -65,15 +65,6 @@ class TrainConfig:
     def planned_steps(self, n_docs: int) -> int:
         """Optimizer steps of a full run: every epoch is one pass in batches of `batch_size`."""
         return self.epochs * math.ceil(n_docs / self.batch_size)
-
-
-def corpus_hash(path: str | Path) -> str:
-    """sha256 of the corpus file: the cache key's data half."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 #: Intra-op threads for training unless the caller says otherwise (see the module docstring).
@@ -297,8 +288,8 @@ def train_model(
     """
     config = TrainConfig(seed=seed, **overrides)
     out = Path(out_dir)
-    key = {"config": asdict(config), "corpus_sha256": corpus_hash(corpus_path),
-           "queries_sha256": corpus_hash(queries_path) if queries_path else None}
+    key = {"config": asdict(config), "corpus_sha256": sha256_file(corpus_path),
+           "queries_sha256": sha256_file(queries_path) if queries_path else None}
     if not force and (cached := _cached_log(out, key)) is not None:
         return {**cached, "cached": True}
 
@@ -351,7 +342,5 @@ def _train(config: TrainConfig, key: dict, corpus_path: str | Path, out: Path, q
         "queries": str(queries_path) if queries_path else None,
         "cache_key": key,
     }
-    tmp = out / (_LOG + ".tmp")
-    tmp.write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / _LOG)
+    write_json(out / _LOG, log)
     return {**log, "cached": False}
