@@ -11,11 +11,20 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
-from typing import Iterable, Mapping
 
 from tracestar.errors import UserError
-from tracestar.options import MAX_NEW_TOKENS_LIMIT, BuildOptions, EvalOptions, ServeOptions, TraceOptions
+from tracestar.optionargs import add_fields, chosen
+from tracestar.options import (
+    MAX_NEW_TOKENS_LIMIT,
+    BuildOptions,
+    CompressOptions,
+    EvalOptions,
+    ExplainOptions,
+    LdsOptions,
+    QueryOptions,
+    ServeOptions,
+    TraceOptions,
+)
 
 
 DESCRIPTION = """\
@@ -47,38 +56,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_fields(p: argparse.ArgumentParser, cls: type, names: Iterable[str], *,
-                help: Mapping[str, str | None] | None = None, inherit_defaults: bool = True) -> None:
-    """One option per dataclass field in `names`, from the field's type, default and metadata.
-
-    The help text and argparse extras (`flag`, `choices`, `nargs`, `metavar`) live on the field (`tracestar.options`),
-    so a default is written once. A bool that defaults to True becomes `--no-<name>`; `help`
-    replaces a field's text; without `inherit_defaults` every option defaults to None (a command
-    that falls back to values recorded elsewhere, as `refit` does to the source index's).
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for name in names:
-        meta = fields[name].metadata
-        text = (help or {}).get(name) or meta["help"]
-        default = fields[name].default
-        flag = meta.get("flag", "--" + name.replace("_", "-"))
-        if hints[name] is bool:
-            on = bool(default)  # on by default: the flag turns it off
-            p.add_argument("--no-" + flag[2:] if on else flag, dest=name, action="store_false" if on else "store_true",
-                           help=text)
-            continue
-        kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
-        extra = {k: v for k, v in meta.items() if k not in ("help", "flag")}  # choices, nargs, metavar
-        p.add_argument(flag, dest=name, type=None if kind is str else kind, default=default if inherit_defaults else None,
-                       help=text, **extra)
-
-
-def _fields(cls: type) -> tuple[str, ...]:
-    """All of a dataclass's field names, in order."""
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
 # --- subcommands (each block: _add_X declares, _run_X calls the library) ---------------------------
 
 # === world / train (tracestar.world) ===
@@ -94,18 +71,15 @@ def _add_world(sub) -> None:
 
 def _run_world(args) -> int:
     import json
+    from pathlib import Path
 
     from tracestar.world import make_world
 
     paths = make_world(args.out, seed=args.seed, scale=args.scale)
-    with open(paths.corpus, encoding="utf-8") as fh:
-        n_docs = sum(1 for _ in fh)
-    with open(paths.queries, encoding="utf-8") as fh:
-        relations = [json.loads(line)["relation"] for line in fh]
-    n_queries = len(relations)
-    relations = set(relations)
+    n_docs = len(Path(paths.corpus).read_text(encoding="utf-8").splitlines())
+    relations = [json.loads(line)["relation"] for line in Path(paths.queries).read_text(encoding="utf-8").splitlines()]
     print(f"corpus   {paths.corpus}  ({n_docs} documents)")
-    print(f"queries  {paths.queries}  ({n_queries} queries, {len(relations)} relations)")
+    print(f"queries  {paths.queries}  ({len(relations)} queries, {len(set(relations))} relations)")
     print(f"facts    {paths.facts}")
     return 0
 
@@ -156,14 +130,14 @@ def _add_index(sub) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--corpus", required=True, help="JSONL, Parquet, or a datasets save_to_disk directory")
     p.add_argument("--out", required=True, help="index directory to write")
-    _add_fields(p, BuildOptions, _INDEX_OPTIONS)
+    add_fields(p, BuildOptions, _INDEX_OPTIONS)
     p.set_defaults(func=_run_index)
 
 
 def _run_index(args) -> int:
     from tracestar.api import build_index
 
-    opts = BuildOptions(**{name: getattr(args, name) for name in _INDEX_OPTIONS})
+    opts = BuildOptions(**chosen(args, BuildOptions, _INDEX_OPTIONS))
     build_index(args.model, args.corpus, args.out, opts)
     return 0
 
@@ -173,12 +147,7 @@ def _add_query(sub) -> None:
     p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
     p.add_argument("--queries", required=True, help="JSONL with id, prompt, target")
     p.add_argument("--out", required=True, help="RESULTS.jsonl")
-    p.add_argument("--top-k", type=int, default=10, help="proponents and opponents per query, ≥ 1 (default 10)")
-    p.add_argument("--model", help="model directory (default: the one recorded in the manifest; must match it)")
-    p.add_argument("--exact", action="store_true", help="scan the full-precision vectors even if a compressed form exists")
-    p.add_argument("--rerank", type=int,
-                   help="candidates re-scored exactly when searching a compressed form; 0: keep the compressed "
-                        "scores (default: 10 × top-k, at least 100)")
+    add_fields(p, QueryOptions)
     p.set_defaults(func=_run_query)
 
 
@@ -215,17 +184,16 @@ def _add_refit(sub) -> None:
     p = sub.add_parser("refit", help="a new index with another preconditioner, from an index's stored raw vectors")
     p.add_argument("--index", required=True, help="index directory whose raw vectors are reused")
     p.add_argument("--out", required=True, help="directory for the new index")
-    _add_fields(p, BuildOptions, _REFIT_OPTIONS, help=_REFIT_OPTIONS, inherit_defaults=False)
+    add_fields(p, BuildOptions, _REFIT_OPTIONS, help=_REFIT_OPTIONS, inherit_defaults=False)
     p.add_argument("--model", help="model directory, for the eval queries' gradients (default: the manifest's)")
-    _add_fields(p, BuildOptions, ("overwrite", "quiet"), help={"overwrite": "replace an existing directory at --out"})
+    add_fields(p, BuildOptions, ("overwrite", "quiet"), help={"overwrite": "replace an existing directory at --out"})
     p.set_defaults(func=_run_refit)
 
 
 def _run_refit(args) -> int:
     from tracestar.api import refit
 
-    chosen = {name: getattr(args, name) for name in (*_REFIT_OPTIONS, "overwrite", "quiet")}
-    refit(args.index, args.out, model_dir=args.model, **chosen)
+    refit(args.index, args.out, model_dir=args.model, **chosen(args, BuildOptions, (*_REFIT_OPTIONS, "overwrite", "quiet")))
     return 0
 
 
@@ -237,21 +205,16 @@ def _add_eval(sub) -> None:
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--queries", required=True, help="queries JSONL with `relevant` (and `bucket`) per query")
     p.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNG plots)")
-    _add_fields(p, EvalOptions, _fields(EvalOptions))
+    add_fields(p, EvalOptions)
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
     from tracestar.evaluate.run import evaluate, format_table
 
-    try:
-        ks = tuple(int(k) for k in args.k.split(",") if k.strip())
-    except ValueError:
-        raise UserError(f"--k: expected comma-separated integers, got {args.k!r}") from None
-    if not ks or min(ks) < 1:
-        raise UserError(f"--k: expected positive integers, got {args.k!r}")
-    chosen = {name: getattr(args, name) for name in _fields(EvalOptions) if name != "k"}
-    metrics = evaluate(args.index, args.queries, args.out, ks=ks, **chosen)
+    opts = EvalOptions(**chosen(args, EvalOptions))
+    params = {k: v for k, v in dataclasses.asdict(opts).items() if k != "k"}
+    metrics = evaluate(args.index, args.queries, args.out, ks=opts.ks(), **params)
     print(format_table(metrics))
     print(f"report: {args.out}/report.md (metrics.json, PNG plots beside it)")
     return 0
@@ -275,22 +238,14 @@ def _add_lds(sub) -> None:
     p = sub.add_parser("lds", help="linear datamodeling score: retrain on random subsets, correlate predicted and actual change")
     p.add_argument("--world", required=True, help="a `tracestar world` directory (corpus.jsonl, queries.jsonl)")
     p.add_argument("--out", required=True, help="working directory: model/, runs/ (cached, resumable), indexes/, lds.json")
-    p.add_argument("--subsets", type=int, default=64, help="retraining runs M, at least 3 (default 64)")
-    p.add_argument("--fraction", type=float, default=0.5, help="share of the corpus in each subset, in (0, 1) (default 0.5)")
-    p.add_argument("--variants", nargs="+", default=["dot", "opt", "opt-norm", "train-r", "trackstar", "bm25", "random", "relevant"],
-                   help="ladder rungs, `exact` (full gradients; small worlds only) and baselines bm25, random, "
-                        "relevant (default: the ladder and the three baselines)")
-    p.add_argument("--proj-dim", type=int, default=4096, help="index dimension of every rung (default 4096)")
-    p.add_argument("--max-queries", type=int, default=None, help="score only the first N queries (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the subsets, the models and the projection (default 0)")
+    add_fields(p, LdsOptions)
     p.set_defaults(func=_run_lds)
 
 
 def _run_lds(args) -> int:
     from tracestar.evaluate.lds import format_lds_table, run_lds
 
-    results = run_lds(args.world, args.out, subsets=args.subsets, fraction=args.fraction, variants=args.variants,
-                      seed=args.seed, proj_dim=args.proj_dim, max_queries=args.max_queries)
+    results = run_lds(args.world, args.out, **chosen(args, LdsOptions))
     if results:  # torchrun: rank 0 reports
         print(format_lds_table(results))
         print(f"lds: {args.out}/lds.json")
@@ -306,10 +261,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--kind", required=True, choices=["int8", "pq"],
                    help="int8: one byte per coordinate (a quarter of float32), near-exact scores; pq: FAISS product "
                         "quantization, --m × --nbits bits per document, approximate scores")
-    p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers, dividing the dimension (default: dim/4)")
-    p.add_argument("--nbits", type=int, default=8, help="PQ bits per sub-quantizer, 1 to 16 (default 8)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows)")
-    p.add_argument("--drop-exact", action="store_true", help="delete vectors/ shards afterwards (scores become approximate)")
+    add_fields(p, CompressOptions)
     p.set_defaults(func=_run_compress)
 
 
@@ -331,13 +283,7 @@ def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="exact per-token contributions of one document to its score for a query")
     p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
     p.add_argument("--doc-id", required=True, help="the document to explain (its id in the corpus)")
-    p.add_argument("--query-id", help="a query of --queries")
-    p.add_argument("--queries", help="QUERIES.jsonl holding --query-id")
-    p.add_argument("--prompt", help="the query's prompt (with --target, instead of --queries/--query-id)")
-    p.add_argument("--target", help="the completion whose support is explained; only its tokens are scored")
-    p.add_argument("--model", help="model directory (default: the manifest's)")
-    p.add_argument("--json", action="store_true",
-                   help="print {doc_id, doc_score, position_convention, tokens: [{position, token, score, special}]}")
+    add_fields(p, ExplainOptions)
     p.set_defaults(func=_run_explain)
 
 
@@ -399,7 +345,7 @@ def _add_trace(sub) -> None:
     p = sub.add_parser("trace", help="let the model answer a prompt (greedy), then find the documents behind the answer")
     p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
     p.add_argument("--prompt", required=True, help="the prompt the model answers")
-    _add_fields(p, TraceOptions, _fields(TraceOptions))
+    add_fields(p, TraceOptions)
     p.set_defaults(func=_run_trace)
 
 
@@ -427,7 +373,7 @@ def _run_trace(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="a local web app: type a prompt, see the answer and the documents behind it")
     p.add_argument("--index", required=True, help="index directory written by `tracestar index`")
-    _add_fields(p, ServeOptions, _fields(ServeOptions))
+    add_fields(p, ServeOptions)
     p.set_defaults(func=_run_serve)
 
 

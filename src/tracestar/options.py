@@ -1,9 +1,12 @@
 """What each command is asked to do: the options, their defaults and their help, in one place.
 
 `BuildOptions` (with the ablation ladder) fixes an index's bytes, so the CLI, the Python API,
-`refit` and the manifest must agree on it; `EvalOptions`, `TraceOptions` and `ServeOptions` are the
-other commands with many options. The CLI generates its options from these fields (`_opt` puts the
-help text on them), so each default is written once.
+`refit` and the manifest must agree on it. `EvalOptions`, `QueryOptions`, `CompressOptions`,
+`ExplainOptions`, `LdsOptions`, `TraceOptions` and `ServeOptions` are the other commands with many
+options. The CLI generates its options from these fields (`_opt` puts the help text on them;
+`tracestar.optionargs` reads it), so each default is written once.
+
+Nothing here imports torch: the CLI reads this module before it knows which command runs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from typing import Any
 
 from tracestar.errors import OptionError, UserError, check_float, check_int
 
-# Nothing here imports torch: the CLI builds its options from this module before it knows the command.
 
 #: Target dimension of the projected vectors (Σ k² over the projection blocks), the paper's 2^16.
 DEFAULT_DIM = 1 << 16
@@ -189,6 +191,63 @@ class EvalOptions:
     model_dir: str | None = _opt(None, "model directory (default: the index's model)", flag="--model")
     lr: float | None = _opt(None, "tail-patch learning rate, > 0 (default: the trainer's)")
     max_queries: int | None = _opt(None, "tail-patch at most N queries (a bucket-stratified sample); attribution uses all")
+
+    def ks(self) -> tuple[int, ...]:
+        """`k` as integers; a `UserError` names --k unless it lists positive integers."""
+        try:
+            ks = tuple(int(k) for k in self.k.split(",") if k.strip())
+        except ValueError:
+            raise UserError(f"--k: expected comma-separated integers, got {self.k!r}") from None
+        if not ks or min(ks) < 1:
+            raise UserError(f"--k: expected positive integers, got {self.k!r}")
+        return ks
+
+
+@dataclass
+class QueryOptions:
+    """What `tracestar query` is asked besides the index, the queries and the results file."""
+
+    top_k: int = _opt(10, "proponents and opponents per query, ≥ 1 (default %(default)s)")
+    model: str | None = _opt(None, "model directory (default: the one recorded in the manifest; must match it)")
+    exact: bool = _opt(False, "scan the full-precision vectors even if a compressed form exists")
+    rerank: int | None = _opt(None, "candidates re-scored exactly when searching a compressed form; 0: keep the "
+                                    "compressed scores (default: 10 × top-k, at least 100)")
+
+
+@dataclass
+class CompressOptions:
+    """What `tracestar compress` is asked besides the index and the kind (int8 or pq)."""
+
+    m: int | None = _opt(None, "PQ sub-quantizers, dividing the dimension (default: dim/4)")
+    nbits: int = _opt(8, "PQ bits per sub-quantizer, 1 to 16 (default %(default)s)")
+    nlist: int | None = _opt(None, "IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows)")
+    drop_exact: bool = _opt(False, "delete vectors/ shards afterwards (scores become approximate)")
+
+
+@dataclass
+class ExplainOptions:
+    """What `tracestar explain` is asked besides the index and the document: the query, one of two ways."""
+
+    query_id: str | None = _opt(None, "a query of --queries")
+    queries: str | None = _opt(None, "QUERIES.jsonl holding --query-id")
+    prompt: str | None = _opt(None, "the query's prompt (with --target, instead of --queries/--query-id)")
+    target: str | None = _opt(None, "the completion whose support is explained; only its tokens are scored")
+    model: str | None = _opt(None, "model directory (default: the manifest's)")
+    json: bool = _opt(False, "print {doc_id, doc_score, position_convention, tokens: [{position, token, score, special}]}")
+
+
+@dataclass
+class LdsOptions:
+    """What `tracestar lds` is asked besides the world and the working directory."""
+
+    subsets: int = _opt(64, "retraining runs M, at least 3 (default %(default)s)")
+    fraction: float = _opt(0.5, "share of the corpus in each subset, in (0, 1) (default %(default)s)")
+    variants: tuple[str, ...] = _opt(
+        (*VARIANTS, "bm25", "random", "relevant"), "ladder rungs, `exact` (full gradients; small worlds only) and "
+        "baselines bm25, random, relevant (default: the ladder and the three baselines)", nargs="+")
+    proj_dim: int = _opt(4096, "index dimension of every rung (default %(default)s)")
+    max_queries: int | None = _opt(None, "score only the first N queries (default: all)")
+    seed: int = _opt(0, "seeds the subsets, the models and the projection (default %(default)s)")
 
 
 @dataclass
