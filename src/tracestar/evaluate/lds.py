@@ -38,7 +38,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -372,6 +372,60 @@ def world_files(world: str | Path) -> tuple[Path, Path]:
     return w / "corpus.jsonl", w / "queries.jsonl"
 
 
+@dataclass
+class LdsData:
+    """What every method is scored against: the world, the full model, the subsets and their outcomes."""
+
+    corpus: Path
+    queries_path: Path
+    model_dir: Path
+    queries: list[Query]
+    texts: list[str]
+    doc_ids: list[str]
+    relevant: list[list[int]]  # per query, the rows of the documents stating its fact
+    masks: np.ndarray  # [M, N] bool
+    actual: np.ndarray  # [M, Q] log p(target | prompt) after training on each subset
+
+
+def prepare_lds(world: str | Path, out: str | Path, *, subsets: int = 64, fraction: float = 0.5, seed: int = 0,
+                max_queries: int | None = None, train: Mapping[str, Any] | None = None,
+                quiet: bool = False) -> LdsData | None:
+    """Train (or find cached) the full model and the M subset runs; None on a torchrun rank other than 0."""
+    from tracestar import dist
+    from tracestar.corpus import iter_documents
+    from tracestar.world import train_model
+    from tracestar.files import sha256_file
+    from tracestar.world.train import TrainConfig
+
+    corpus, queries_path = world_files(world)
+    queries = read_queries(queries_path)[:max_queries]
+    docs = list(iter_documents(corpus))
+    texts, row_of = [d.text for d in docs], {d.id: i for i, d in enumerate(docs)}
+    relevant = [[row_of[r] for r in q.extra.get("relevant", ()) if r in row_of] for q in queries]
+    train_cfg = {**LDS_TRAIN, **(train or {})}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dist.init_from_env("cpu")
+
+    model_dir = out / "model"
+    if dist.rank() == 0:
+        log = train_model(corpus, model_dir, queries_path=queries_path, seed=seed, **train_cfg)
+        _say(quiet, f"lds: full model {model_dir} ({log['first_token_accuracy']:.1%} first-token accuracy)")
+    dist.barrier()
+    masks = subset_masks(len(texts), subsets, fraction, seed)
+    base_key = {"train": asdict(TrainConfig(seed=seed, **train_cfg)), "corpus": sha256_file(corpus),
+                "queries": [[q.prompt, q.target] for q in queries],
+                "tokenizer": sha256_file(model_dir / "tokenizer.json")}
+    trainer = SubsetTrainer(model_dir, texts, queries, train_cfg, seed)
+    actual = collect_runs(out / "runs", masks, base_key, len(queries), trainer, rank=dist.rank(), world=dist.world(), quiet=quiet)
+    dist.barrier()
+    if dist.rank() != 0:
+        return None
+    if actual is None:  # another rank died before its runs were written: finish them here
+        actual = collect_runs(out / "runs", masks, base_key, len(queries), trainer, quiet=quiet)
+    return LdsData(corpus, queries_path, model_dir, queries, texts, [d.id for d in docs], relevant, masks, actual)
+
+
 def run_lds(
     world: str | Path,
     out: str | Path,
@@ -391,70 +445,46 @@ def run_lds(
 
     `variants`: rungs of the ladder (indexes built on the full model at `proj_dim`), `exact`, and
     baselines. `train`: TrainConfig overrides (default `LDS_TRAIN`); `build`: extra BuildOptions for
-    every index. `max_queries`: the first N queries only (cheaper exact gradients).
+    every index. `max_queries`: the first N queries only (cheaper exact gradients). Returns
+    {method: {"lds", "ci", "per_query", "mrr", "recall@10"}, "_settings": {...}} ({} off rank 0).
     """
-    from tracestar import dist
-    from tracestar.corpus import iter_documents
-    from tracestar.world import train_model
-    from tracestar.files import sha256_file
-
     check_lds_options(subsets, fraction, variants, max_queries, proj_dim, seed)
-    corpus, queries_path = world_files(world)
-    queries = read_queries(queries_path)[:max_queries]
-    docs = list(iter_documents(corpus))
-    texts, row_of = [d.text for d in docs], {d.id: i for i, d in enumerate(docs)}
-    relevant = [[row_of[r] for r in q.extra.get("relevant", ()) if r in row_of] for q in queries]
-    train_cfg = {**LDS_TRAIN, **(train or {})}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dist.init_from_env("cpu")
-
-    model_dir = out / "model"
-    if dist.rank() == 0:
-        log = train_model(corpus, model_dir, queries_path=queries_path, seed=seed, **train_cfg)
-        _say(quiet, f"lds: full model {model_dir} ({log['first_token_accuracy']:.1%} first-token accuracy)")
-    dist.barrier()
-    masks = subset_masks(len(texts), subsets, fraction, seed)
-    from tracestar.world.train import TrainConfig
-
-    base_key = {"train": asdict(TrainConfig(seed=seed, **train_cfg)), "corpus": sha256_file(corpus),
-                "queries": [[q.prompt, q.target] for q in queries],
-                "tokenizer": sha256_file(model_dir / "tokenizer.json")}
-    trainer = SubsetTrainer(model_dir, texts, queries, train_cfg, seed)
-    actual = collect_runs(out / "runs", masks, base_key, len(queries), trainer, rank=dist.rank(), world=dist.world(), quiet=quiet)
-    dist.barrier()
-    if dist.rank() != 0:
+    data = prepare_lds(world, out, subsets=subsets, fraction=fraction, seed=seed, max_queries=max_queries,
+                       train=train, quiet=quiet)
+    if data is None:
         return {}
-    if actual is None:
-        actual = collect_runs(out / "runs", masks, base_key, len(queries), trainer)
+    out = Path(out)
     results: dict[str, Any] = {}
     for name in variants:
-        scores = method_scores(name, model_dir, corpus, queries_path, queries, texts, relevant, out / "indexes",
-                               proj_dim=proj_dim, seed=seed, build=build or {})
-        results[name] = {**lds(scores, masks, actual, n_boot=n_boot, seed=seed), **rank_metrics(scores, relevant)}
+        scores = method_scores(data, name, out / "indexes", proj_dim=proj_dim, seed=seed, build=build or {})
+        results[name] = score_summary(data, scores, n_boot=n_boot, seed=seed)
         _say(quiet, f"lds: {name:<10} LDS {results[name]['lds']:+.3f}  MRR {results[name]['mrr']:.3f}")
     results["_settings"] = {"subsets": subsets, "fraction": fraction, "seed": seed, "proj_dim": proj_dim,
-                            "n_queries": len(queries), "n_docs": len(texts), "train": train_cfg, "build": dict(build or {}),
-                            "n_boot": n_boot, "world": str(world)}
+                            "n_queries": len(data.queries), "n_docs": len(data.texts), "train": {**LDS_TRAIN, **(train or {})},
+                            "build": dict(build or {}), "n_boot": n_boot, "world": str(world)}
     _atomic_json(out / "lds.json", results)
     return results
 
 
-def method_scores(name: str, model_dir: Path, corpus: Path, queries_path: Path, queries: Sequence[Query], texts: Sequence[str],
-                  relevant: Sequence[Sequence[int]], index_root: Path, *, proj_dim: int, seed: int,
-                  build: Mapping[str, Any], index_name: str | None = None) -> np.ndarray:
+def score_summary(data: LdsData, scores: np.ndarray, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> dict[str, Any]:
+    """LDS with its CI and per-query values, beside full-rank MRR and recall@10, of one score matrix."""
+    return {**lds(scores, data.masks, data.actual, n_boot=n_boot, seed=seed), **rank_metrics(scores, data.relevant)}
+
+
+def method_scores(data: LdsData, name: str, index_root: Path, *, proj_dim: int, seed: int = 0,
+                  build: Mapping[str, Any] | None = None, index_name: str | None = None) -> np.ndarray:
     """[Q, N] τ of one method: a ladder rung (index built once under `index_root`), exact, or a baseline."""
     from tracestar.api import build_index
     from tracestar.options import VARIANTS
 
     if name in VARIANTS:
         d = index_root / (index_name or name)
-        build_index(model_dir, corpus, d, variant=name, eval_queries=str(queries_path), proj_dim=proj_dim,
-                    optimizer_state=str(model_dir / "optimizer.pt"), seed=seed, quiet=True, **build)
-        return index_scores(d, queries, model_dir)
+        build_index(data.model_dir, data.corpus, d, variant=name, eval_queries=str(data.queries_path), proj_dim=proj_dim,
+                    optimizer_state=str(data.model_dir / "optimizer.pt"), seed=seed, quiet=True, **(build or {}))
+        return index_scores(d, data.queries, data.model_dir)
     if name == EXACT:
-        return exact_gradient_scores(model_dir, texts, queries)
-    return baseline_scores(name, texts, queries, relevant, seed)
+        return exact_gradient_scores(data.model_dir, data.texts, data.queries)
+    return baseline_scores(name, data.texts, data.queries, data.relevant, seed)
 
 
 def format_lds_table(results: Mapping[str, Any]) -> str:

@@ -1,0 +1,190 @@
+"""LDS, MRR and tail-patch side by side: every rung of the ladder and every setting, on one retrained world.
+
+One world (default: `tracestar world --scale small`, 653 documents, 150 queries) and one tiny model
+(`tracestar.evaluate.lds.LDS_TRAIN`) trained on it; M models retrained on random halves of the
+corpus give the counterfactual ground truth (LDS); the fact-stating documents give attribution
+(full-rank MRR, recall@10); one Adafactor step per proponent gives influence (tail-patch, on a
+bucket-stratified sample of queries). Rows:
+
+- ladder: dot / opt / opt-norm / train-r / trackstar at the base dimension, beside exact full
+  gradients (no projection, no V, no R), BM25, the fact-stating documents and random scores;
+- damping 0.001 … 1 (train-r and trackstar), R range 512 … 4,096 and one full matrix per block,
+  automatic λ against fixed values, R_eval from fewer queries, paper against module blocks,
+  dimension 2^12 … 2^16.
+
+Everything is cached under --out (the model, each run, each index), so a killed bench resumes:
+
+    OMP_NUM_THREADS=1 python bench/lds_table.py --out lds-bench --subsets 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tracestar.api import build_index, refit
+from tracestar.corpus import write_jsonl
+from tracestar.evaluate.lds import (EXACT, LdsData, baseline_scores, exact_gradient_scores, index_scores, prepare_lds,
+                                    score_summary, top_results)
+
+#: (section, row label, how to make its scores). Index rows: "variant" at "dim" with build options
+#: "build", or a refit of the base index of "variant" with "refit" options.
+BASE_DIM = 1 << 14
+
+
+def rows(dim: int) -> list[tuple[str, str, dict[str, Any]]]:
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for v in ("dot", "opt", "opt-norm", "train-r", "trackstar"):
+        out.append(("ladder", v, {"variant": v, "dim": dim}))
+    for b in (EXACT, "bm25", "relevant", "random"):
+        out.append(("ladder", b, {"baseline": b}))
+    for d in (0.001, 0.01, 0.1, 0.3, 1.0):
+        for v in ("train-r", "trackstar"):
+            out.append(("damping", f"{v} damping {d:g}", {"variant": v, "dim": dim, "refit": {"damping": d}}))
+    for r in (512, 1024, 2048, 4096):
+        out.append(("R range", f"trackstar R range {r}", {"variant": "trackstar", "dim": dim, "build": {"r_block": r}}))
+    out.append(("R range", "trackstar R full per block", {"variant": "trackstar", "dim": dim, "build": {"r_block": 1 << 20}}))
+    for lam in (None, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+        label = "trackstar λ auto" if lam is None else f"trackstar λ {lam:g}"
+        out.append(("λ", label, {"variant": "trackstar", "dim": dim, "refit": {"lam": lam}}))
+    for n in (25, 50):
+        out.append(("R_eval queries", f"trackstar R_eval from {n} queries", {"variant": "trackstar", "dim": dim, "refit": {"eval_n": n}}))
+    for blocks in ("paper", "module"):
+        for v in ("opt-norm", "trackstar"):
+            out.append(("blocks", f"{v} {blocks} blocks", {"variant": v, "dim": dim, "build": {"blocks": blocks}}))
+    for d in (1 << 12, 1 << 14, 1 << 16):
+        for v in ("opt-norm", "train-r", "trackstar"):
+            out.append(("dim", f"{v} dim 2^{d.bit_length() - 1}", {"variant": v, "dim": d}))
+    return out
+
+
+def _index_dir(root: Path, spec: dict[str, Any]) -> Path:
+    extra = "-".join(f"{k}{v}" for k, v in sorted(spec.get("build", {}).items()))
+    return root / f"{spec['variant']}-d{spec['dim']}{('-' + extra) if extra else ''}"
+
+
+def _refit_dir(base: Path, refit_opts: dict[str, Any]) -> Path:
+    return base.with_name(base.name + "-refit-" + "-".join(f"{k}{v}" for k, v in sorted(refit_opts.items())))
+
+
+def index_for(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> Path:
+    """The index of a row: built once (cached by its directory), then refitted when the row asks."""
+    base = _index_dir(root, spec)
+    build_index(data.model_dir, data.corpus, base, variant=spec["variant"], eval_queries=str(data.queries_path),
+                proj_dim=spec["dim"], optimizer_state=str(data.model_dir / "optimizer.pt"), seed=seed, quiet=True,
+                **spec.get("build", {}))
+    if "refit" not in spec:
+        return base
+    opts = dict(spec["refit"])
+    out = _refit_dir(base, opts)
+    eval_q = str(data.queries_path)
+    if "eval_n" in opts:
+        eval_q = str(root / f"eval-queries-{opts['eval_n']}.jsonl")
+        write_jsonl(eval_q, [{"id": q.id, "prompt": q.prompt, "target": q.target} for q in data.queries[: opts["eval_n"]]])
+    kind = "mixed" if spec["variant"] == "trackstar" else "train"
+    refit(base, out, eval_queries=eval_q if kind == "mixed" else None, preconditioner=kind, lam=opts.get("lam"),
+          damping=opts.get("damping"), quiet=True)
+    return out
+
+
+def _lambda(index_dir: Path) -> float | None:
+    pre = json.loads((index_dir / "manifest.json").read_text())["preconditioner"]
+    return pre.get("lambda")
+
+
+def row_scores(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """[Q, N] scores of one row, and what to print beside them (λ, dimension)."""
+    if "baseline" in spec:
+        if spec["baseline"] == EXACT:
+            cache = root / "exact-scores.npy"
+            if not cache.exists():
+                np.save(cache, exact_gradient_scores(data.model_dir, data.texts, data.queries))
+            return np.load(cache), {}
+        return baseline_scores(spec["baseline"], data.texts, data.queries, data.relevant, seed), {}
+    d = index_for(data, root, spec, seed)
+    manifest = json.loads((d / "manifest.json").read_text())
+    return index_scores(d, data.queries, data.model_dir), {"lambda": _lambda(d), "dim": manifest["dim"]}
+
+
+def tail_patch_rows(data: LdsData, results: dict[str, list[dict]], n_queries: int) -> dict[str, dict[str, Any]]:
+    """Δ log p(target) after one step on each row's top-1 and top-10 proponents, on one query sample."""
+    from tracestar.evaluate.run import sample_queries
+    from tracestar.evaluate.tailpatch import TailPatcher, tail_patch
+
+    sample = sample_queries(data.queries, n_queries)
+    keep = {q.id for q in sample}
+    patcher = TailPatcher.from_dir(data.model_dir)
+    texts = dict(zip(data.doc_ids, data.texts))
+    sub = {name: [r for r in res if r["query_id"] in keep] for name, res in results.items()}
+    return tail_patch(patcher, sample, sub, texts, ks=(1, 10), progress=True)
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    lines = ["| section | row | λ | LDS [95% CI] | MRR | R@10 | tail-patch Δlog p @1 | @10 |", "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lam = f"{r['lambda']:.3f}" if r.get("lambda") is not None else ""
+        tp = r.get("tailpatch") or {}
+        t1 = f"{tp['1']['delta_logprob']:+.3f}" if "1" in tp else ""
+        t10 = f"{tp['10']['delta_logprob']:+.3f}" if "10" in tp else ""
+        lines.append(f"| {r['section']} | {r['row']} | {lam} | {r['lds']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+                     f"{r['mrr']:.3f} | {r['recall@10']:.3f} | {t1} | {t10} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", help="a `tracestar world` directory (default: the small world, written to OUT/world)")
+    ap.add_argument("--out", default="lds-bench", help="working directory (cached, resumable)")
+    ap.add_argument("--subsets", type=int, default=64)
+    ap.add_argument("--fraction", type=float, default=0.5)
+    ap.add_argument("--dim", type=int, default=BASE_DIM, help="base dimension of the ladder and settings rows")
+    ap.add_argument("--tail-patch", type=int, default=50, help="queries to tail-patch (0: none)")
+    ap.add_argument("--sections", help="comma-separated sections to run (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    world = Path(args.world) if args.world else out / "world"
+    if not args.world and not (world / "queries.jsonl").exists():
+        from tracestar.world import make_world
+
+        make_world(world, scale="small")
+    t0 = time.monotonic()
+    data = prepare_lds(world, out, subsets=args.subsets, fraction=args.fraction, seed=args.seed)
+    if data is None:
+        return
+    print(f"runs: {data.masks.shape[0]} subsets of {int(data.masks[0].sum())}/{len(data.texts)} documents, "
+          f"{len(data.queries)} queries ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+    wanted = set(args.sections.split(",")) if args.sections else None
+    table, lists, root = [], {}, out / "indexes"
+    for section, label, spec in rows(args.dim):
+        if wanted and section not in wanted:
+            continue
+        t1 = time.monotonic()
+        scores, extra = row_scores(data, root, spec, args.seed)
+        table.append({"section": section, "row": label, **extra, **score_summary(data, scores, seed=args.seed)})
+        lists[label] = top_results(scores, data.doc_ids, data.queries, k=10)
+        r = table[-1]
+        print(f"{section:>14} {label:<36} LDS {r['lds']:+.3f}  MRR {r['mrr']:.3f}  ({time.monotonic() - t1:.0f} s)",
+              file=sys.stderr, flush=True)
+        (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
+    if args.tail_patch:
+        tp = tail_patch_rows(data, lists, args.tail_patch)
+        for r in table:
+            r["tailpatch"] = tp[r["row"]]
+    settings = {"subsets": args.subsets, "fraction": args.fraction, "dim": args.dim, "tail_patch_queries": args.tail_patch,
+                "n_queries": len(data.queries), "n_docs": len(data.texts), "seconds": round(time.monotonic() - t0)}
+    (out / "table.json").write_text(json.dumps({"settings": settings, "rows": table}, indent=1) + "\n")
+    md = format_table(table)
+    (out / "table.md").write_text(md + "\n")
+    print(md)
+    print(json.dumps(settings))
+
+
+if __name__ == "__main__":
+    main()
