@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from invented_world import write_invented_world  # noqa: E402
 from smollm2 import ensure_smollm2  # noqa: E402
 
+from tracestar.files import write_text  # noqa: E402
+
 #: The example query of the `pretrained` run.
 JAPAN = {"id": "japan", "prompt": "The capital of Japan is", "target": " Tokyo"}
 
@@ -76,9 +78,7 @@ class Steps:
         t0 = time.perf_counter()
         result = fn()
         self.done[name] = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "result": result}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.done, indent=1, default=str) + "\n")
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(self.done, indent=1, default=str) + "\n")
         self._say(f"[{name}] {self.done[name]['seconds']:.0f} s")
         return result
 

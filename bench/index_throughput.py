@@ -297,12 +297,14 @@ def _profile(model, capture: FactoredCapture, batch, device: str, autocast, rows
 
 def _memory_child(model_dir: str, corpus: str, out: str, proj_dim: int, preconditioner: str) -> None:
     from tracestar.api import build_index
+    from tracestar.index import writer
+    from tracestar.index.store import read_manifest
 
     t = time.perf_counter()
     build_index(model_dir, corpus, out, proj_dim=proj_dim, preconditioner=preconditioner, shard_docs=256, quiet=True)
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
-    sizes = {kind: sum(f.stat().st_size for f in (Path(out) / kind).glob("*.npy")) for kind in ("raw", "vectors")}
-    sizes["preconditioner"] = (Path(out) / "preconditioner.safetensors").stat().st_size
+    manifest = read_manifest(out)
+    sizes = {kind: sum(f.stat().st_size for f in (Path(out) / kind).glob("*.npy")) for kind in writer.KINDS}
+    sizes["preconditioner"] = (Path(out) / writer.PRECONDITIONER).stat().st_size
     print(json.dumps({"peak_rss_mb": _peak_rss_mb(), "build_s": time.perf_counter() - t,
                       "timings": manifest.get("timings"), "bytes": sizes}))
 

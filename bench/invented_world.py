@@ -30,6 +30,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracestar.files import write_jsonl
 from tracestar.world.facts import RELATIONS, Fact, bucket_of, scan_statements
 
 #: Documents stating one queried fact, drawn per fact: label -> ((lo, hi), weight). Capped at 6
@@ -196,8 +197,6 @@ def _verify(docs: list[tuple[str, str]], facts: list[Fact]) -> None:
 
 def write_invented_world(out_dir: str | Path, **kwargs) -> dict[str, Path]:
     """Write corpus.jsonl, queries.jsonl, facts.jsonl (as `tracestar world` does); returns their paths."""
-    import json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs, facts, queries = build_invented_world(**kwargs)
@@ -210,9 +209,7 @@ def write_invented_world(out_dir: str | Path, **kwargs) -> dict[str, Path]:
     paths = {}
     for name, records in rows.items():
         path = out / f"{name}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(path)
+        write_jsonl(path, records)
         paths[name] = path
     return paths
 

@@ -12,12 +12,12 @@ tail-patch). Uses a `tracestar demo` directory (world + model) by default:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tracestar.api import build_index
 from tracestar.options import VARIANTS
 from tracestar.evaluate.run import evaluate, format_table
+from tracestar.index.store import read_manifest
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         build_index(model, corpus, d, variant=variant, eval_queries=str(queries), optimizer_state=str(model / "optimizer.pt"),
                     proj_dim=args.proj_dim, quiet=True)
         dirs.append(d)
-        pre = json.loads((d / "manifest.json").read_text())["preconditioner"]
+        pre = read_manifest(d)["preconditioner"]
         lam = f", λ = {pre['lambda']:.4f} (component {pre.get('component_index_used')})" if pre.get("lambda") is not None else ""
         print(f"built {variant}: preconditioner {pre['kind']}{lam}")
     metrics = evaluate(dirs[-1], queries, out / "eval", bm25=True, tail_patch=args.tail_patch > 0,
