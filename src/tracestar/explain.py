@@ -155,19 +155,11 @@ def explain_pairs(
 
     index = _open(index)
     tracer = index.tracer(model_dir)  # refuses a mismatched model
-    queries: dict[str, Query] = {}
-    by_doc: dict[str, list[str]] = defaultdict(list)  # doc_id -> query ids, in first-seen order
-    for query, doc_id in pairs:
-        queries.setdefault(query.id, query)
-        if query.id not in by_doc[doc_id]:
-            by_doc[doc_id].append(query.id)
+    queries, by_doc = _by_document(pairs)
     if not by_doc:
         return {}
     qids = list(queries)
-    if query_vectors is not None:
-        q_final = torch.from_numpy(np.stack([np.asarray(query_vectors[i], dtype=np.float32) for i in qids]))  # [Q, D]
-    else:
-        q_final = torch.from_numpy(index.query_vectors([queries[i] for i in qids], model_dir))  # [Q, D]
+    q_final = _final_query_vectors(index, [queries[i] for i in qids], query_vectors, model_dir)  # [Q, D]
     pulled = pulled_back(index.preconditioner, q_final)  # [Q, D]
     column = {qid: j for j, qid in enumerate(qids)}
     missing = [d for d in by_doc if texts is None or d not in texts]
@@ -203,6 +195,24 @@ def explain_pairs(
                     score = _doc_score(index, doc_id, q_final[column[qid]].numpy(), float(contrib[:, j].sum()))
                     out[(qid, doc_id)] = TokenAttribution(doc_id, score, list(zip(tokens, contrib[:, j].tolist())), special)
     return out
+
+
+def _by_document(pairs: Sequence[tuple[Query, str]]) -> tuple[dict[str, Query], dict[str, list[str]]]:
+    """(query id -> query, doc id -> ids of the queries that retrieved it), both in first-seen order."""
+    queries: dict[str, Query] = {}
+    by_doc: dict[str, list[str]] = defaultdict(list)
+    for query, doc_id in pairs:
+        queries.setdefault(query.id, query)
+        if query.id not in by_doc[doc_id]:
+            by_doc[doc_id].append(query.id)
+    return queries, by_doc
+
+
+def _final_query_vectors(index, queries: list[Query], given: Mapping[str, np.ndarray] | None, model_dir) -> torch.Tensor:
+    """[Q, D] final vectors of `queries`: the caller's (`given`, by query id), else traced from their texts."""
+    if given is not None:
+        return torch.from_numpy(np.stack([np.asarray(given[q.id], dtype=np.float32) for q in queries]))
+    return torch.from_numpy(index.query_vectors(queries, model_dir))
 
 
 def explain_tokens(index, query: Query, doc_id: str, *, text: str | None = None, model_dir=None) -> TokenAttribution:
