@@ -20,10 +20,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tracestar.errors import UserError
-from tracestar.index.store import sha256_file, write_json
+from tracestar.files import sha256_file, write_json
+from tracestar.index.writer import MANIFEST
 
 #: Per scale: projection dim, tail-patch queries, trainer overrides (see `TrainConfig`).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
@@ -81,114 +82,159 @@ def run_demo(
         torch.set_num_threads(saved_threads)
 
 
+class _Steps:
+    """The demo's four steps, each timed and reported as "[n/4] name: summary", with "(cached)" when
+    it was skipped; `cached` and `seconds` go to demo.json."""
+
+    def __init__(self, quiet: bool):
+        self.say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+        self.cached: dict[str, bool] = {}
+        self.seconds: dict[str, float] = {}
+
+    def run(self, n: int, name: str, step: Callable[[Callable[[str], None]], tuple[Any, bool, str | None]]) -> Any:
+        """`step(announce)` returns (result, whether it was cached, the summary line or None); it calls
+        `announce(msg)` to print "[n/4] name: msg" before slow work starts."""
+        t0 = time.time()
+        result, cached, summary = step(lambda msg: self.say(f"[{n}/4] {name}: {msg}"))
+        self.cached[name] = cached
+        self.seconds[name] = round(time.time() - t0, 1)
+        if summary is not None:
+            self.say(f"[{n}/4] {name}: {summary}" + (" (cached)" if cached else ""))
+        return result
+
+
+def _stamped(stamp: Path, key: dict, load: Callable[[dict], Any], make: Callable[[], tuple[Any, dict]]) -> tuple[Any, bool]:
+    """(result, cached): `load(stamp)` when `stamp` records `key` and `load` finds the outputs still
+    there (not None), else `make()`, which returns (result, what the stamp records besides the key)."""
+    prev = _read_json(stamp)
+    if prev and prev.get("key") == key:
+        result = load(prev)
+        if result is not None:
+            return result, True
+    result, extra = make()
+    write_json(stamp, {"key": key, **extra})
+    return result, False
+
+
 def _run_demo(out: Path, cfg: dict[str, Any], *, scale: str, seed: int, proj_dim: int, tail_patch_queries: int,
               lr: float | None, quiet: bool) -> dict[str, Any]:
     """The four steps of `run_demo`, each skipped when cached."""
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    cached: dict[str, bool] = {}
-    seconds: dict[str, float] = {}
+    steps = _Steps(quiet)
     t_all = time.time()
+    wdir = out / "world"
+    paths = steps.run(1, "world", lambda announce: _world_step(wdir, scale, seed, announce))
+    n_queries = _count_lines(paths.queries)
+    model_dir, log = steps.run(2, "train", lambda announce: _train_step(out / "model", paths, cfg, seed, quiet, announce))
+    index_dir = steps.run(3, "index", lambda announce: _index_step(out / "index", model_dir, paths, proj_dim, quiet, announce))
+    eval_dir = out / "eval"
+    metrics = steps.run(4, "eval", lambda announce: _eval_step(eval_dir, index_dir, model_dir, paths, n_queries,
+                                                               tail_patch_queries, lr, quiet, announce))
+    steps.seconds["total"] = round(time.time() - t_all, 1)
+    if not quiet:
+        _print_summary(metrics, eval_dir, steps)
+    demo = {"cached": steps.cached, "seconds": steps.seconds, "scale": scale, "threads": DEMO_THREADS,
+            "train": {k: log.get(k) for k in ("n_params", "steps", "epochs_run", "final_loss", "first_token_accuracy",
+                                             "threads", "seconds")},
+            "paths": {"world": str(wdir), "model": str(model_dir), "index": str(index_dir),
+                      "eval": str(eval_dir)}}
+    write_json(out / "demo.json", demo)
+    return {**metrics, "_demo": demo}
 
-    # 1. the world -------------------------------------------------------------------------------
+
+def _world_step(wdir: Path, scale: str, seed: int, announce: Callable[[str], None]):
+    """The fact world, remade unless its stamp records this (seed, scale) and the files' hashes."""
     from tracestar.world.facts import WorldPaths, make_world
 
-    t0 = time.time()
-    wdir = out / "world"
     paths = WorldPaths(wdir / "corpus.jsonl", wdir / "queries.jsonl", wdir / "facts.jsonl")
-    stamp = wdir / "demo_world.json"
-    key = {"seed": seed, "scale": scale}
-    prev = _read_json(stamp)
-    files = (paths.corpus, paths.queries, paths.facts)
-    if (prev and prev.get("key") == key and all(p.exists() for p in files)
-            and prev.get("sha256") == {"corpus": sha256_file(paths.corpus), "queries": sha256_file(paths.queries)}):
-        cached["world"] = True
-    else:
-        say(f"[1/4] world: generating the fact world (scale={scale}, seed={seed}) ...")
-        paths = make_world(wdir, seed=seed, scale=scale)
-        write_json(stamp, {"key": key, "sha256": {"corpus": sha256_file(paths.corpus), "queries": sha256_file(paths.queries)}})
-        cached["world"] = False
-    n_docs = sum(1 for _ in open(paths.corpus, encoding="utf-8"))
-    n_queries = sum(1 for _ in open(paths.queries, encoding="utf-8"))
-    seconds["world"] = round(time.time() - t0, 1)
-    say(f"[1/4] world: {n_docs:,} documents, {n_queries:,} queries -> {wdir}" + (" (cached)" if cached["world"] else ""))
 
-    # 2. the model -------------------------------------------------------------------------------
+    def hashes(p: WorldPaths) -> dict:
+        return {"corpus": sha256_file(p.corpus), "queries": sha256_file(p.queries)}
+
+    def load(prev: dict):
+        intact = all(p.exists() for p in (paths.corpus, paths.queries, paths.facts)) and prev.get("sha256") == hashes(paths)
+        return paths if intact else None
+
+    def make():
+        announce(f"generating the fact world (scale={scale}, seed={seed}) ...")
+        made = make_world(wdir, seed=seed, scale=scale)
+        return made, {"sha256": hashes(made)}
+
+    paths, cached = _stamped(wdir / "demo_world.json", {"seed": seed, "scale": scale}, load, make)
+    summary = f"{_count_lines(paths.corpus):,} documents, {_count_lines(paths.queries):,} queries -> {wdir}"
+    return paths, cached, summary
+
+
+def _train_step(model_dir: Path, paths, cfg: dict[str, Any], seed: int, quiet: bool, announce: Callable[[str], None]):
+    """The tiny GPT-2; the trainer keeps its own cache (config + corpus bytes)."""
     from tracestar.world.train import TrainConfig, train_model
 
-    t0 = time.time()
-    model_dir = out / "model"
     if not quiet and not (model_dir / "train_log.json").exists():
         tcfg = TrainConfig(seed=seed, **cfg["train"])
-        say(f"[2/4] train: a tiny GPT-2 with Adafactor, {tcfg.epochs} epochs = {tcfg.planned_steps(n_docs):,} "
-            f"seeded steps ...")
+        announce(f"a tiny GPT-2 with Adafactor, {tcfg.epochs} epochs = {tcfg.planned_steps(_count_lines(paths.corpus)):,} "
+                 f"seeded steps ...")
     log = train_model(paths.corpus, model_dir, queries_path=paths.queries, seed=seed, **cfg["train"])
-    cached["train"] = bool(log.get("cached"))
-    seconds["train"] = round(time.time() - t0, 1)
     acc = log.get("first_token_accuracy")
-    say(f"[2/4] train: {log.get('n_params', 0):,} parameters, {log.get('steps')} steps, final loss "
-        f"{log.get('final_loss', float('nan')):.3f}, first-token accuracy on the queries "
-        f"{'–' if acc is None else f'{acc:.1%}'} -> {model_dir}" + (" (cached)" if cached["train"] else ""))
+    summary = (f"{log.get('n_params', 0):,} parameters, {log.get('steps')} steps, final loss "
+               f"{log.get('final_loss', float('nan')):.3f}, first-token accuracy on the queries "
+               f"{'–' if acc is None else f'{acc:.1%}'} -> {model_dir}")
+    return (model_dir, log), bool(log.get("cached")), summary
 
-    # 3. the index -------------------------------------------------------------------------------
+
+def _index_step(index_dir: Path, model_dir: Path, paths, proj_dim: int, quiet: bool, announce: Callable[[str], None]):
+    """The TrackStar index; `build_index`'s identity check is the cache (cached when the manifest is untouched)."""
     from tracestar.api import build_index
 
-    t0 = time.time()
-    index_dir = out / "index"
-    manifest_path = index_dir / "manifest.json"
+    manifest_path = index_dir / MANIFEST
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
     kw = dict(eval_queries=str(paths.queries), preconditioner="mixed", optimizer_state=str(model_dir / "optimizer.pt"),
               proj_dim=proj_dim, max_length=_model_window(model_dir), quiet=quiet)
     if before is None:
-        say(f"[3/4] index: TrackStar vectors (dim {proj_dim:,}, Adafactor correction, mixed R) ...")
+        announce(f"TrackStar vectors (dim {proj_dim:,}, Adafactor correction, mixed R) ...")
     try:
         build_index(model_dir, paths.corpus, index_dir, **kw)
     except UserError as exc:
         if "different arguments" not in str(exc):
             raise
-        say(f"[3/4] index: {index_dir} was built from other inputs; rebuilding")
+        announce(f"{index_dir} was built from other inputs; rebuilding")
         build_index(model_dir, paths.corpus, index_dir, overwrite=True, **kw)
     after = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
-    cached["index"] = before is not None and before == after
-    seconds["index"] = round(time.time() - t0, 1)
-    say(f"[3/4] index: -> {index_dir}" + (" (cached)" if cached["index"] else ""))
+    return index_dir, before is not None and before == after, f"-> {index_dir}"
 
-    # 4. the evaluation --------------------------------------------------------------------------
-    from tracestar.evaluate.run import evaluate, format_table
 
-    t0 = time.time()
-    eval_dir = out / "eval"
-    ekey = {"version": EVAL_VERSION, "manifest_sha256": sha256_file(manifest_path),
-            "queries_sha256": sha256_file(paths.queries), "ks": list(KS),
-            "bm25": True, "tail_patch": True, "max_queries": tail_patch_queries, "lr": lr}
-    estamp = eval_dir / "demo_eval.json"
-    prev = _read_json(estamp)
-    metrics = _read_json(eval_dir / "metrics.json") if prev and prev.get("key") == ekey else None
-    if metrics is not None:
-        cached["eval"] = True
-    else:
-        say(f"[4/4] eval: attribution over {n_queries:,} queries (tracestar, BM25); tail-patch over "
-            f"{tail_patch_queries} of them ...")
-        metrics = evaluate(index_dir, paths.queries, eval_dir, bm25=True, tail_patch=True, ks=KS,
-                           model_dir=model_dir, lr=lr, max_queries=tail_patch_queries, quiet=quiet)
-        write_json(estamp, {"key": ekey})
-        cached["eval"] = False
-    seconds["eval"] = round(time.time() - t0, 1)
-    seconds["total"] = round(time.time() - t_all, 1)
+def _eval_step(eval_dir: Path, index_dir: Path, model_dir: Path, paths, n_queries: int, tail_patch_queries: int,
+               lr: float | None, quiet: bool, announce: Callable[[str], None]):
+    """Attribution metrics (tracestar, BM25) and tail-patch, redone unless the stamp records the same
+    manifest, queries and settings and metrics.json is readable."""
+    from tracestar.evaluate.run import evaluate
 
-    if not quiet:
-        print()
-        print(format_table(metrics))
-        tps = (metrics.get("_settings") or {}).get("tailpatch") or {}
-        if tps:
-            print(f"\ntail-patch: one {tps.get('optimizer')} step at lr={tps.get('lr'):g} per proponent, "
-                  f"{tps.get('n_queries')} queries; Δlogp / Δp = mean increase of the target's log-probability / probability")
-        print(f"\nreport: {eval_dir / 'report.md'} (metrics.json, attribution_by_bucket.png, tailpatch.png beside it)")
-        print("steps (s): " + ", ".join(f"{k} {v}" + (" cached" if cached.get(k) else "") for k, v in seconds.items()))
-        sys.stdout.flush()
-    demo = {"cached": cached, "seconds": seconds, "scale": scale, "threads": DEMO_THREADS,
-            "train": {k: log.get(k) for k in ("n_params", "steps", "epochs_run", "final_loss", "first_token_accuracy",
-                                             "threads", "seconds")},
-            "paths": {"world": str(wdir), "model": str(model_dir), "index": str(index_dir), "eval": str(eval_dir)}}
-    write_json(out / "demo.json", demo)
-    return {**metrics, "_demo": demo}
+    key = {"version": EVAL_VERSION, "manifest_sha256": sha256_file(index_dir / MANIFEST),
+           "queries_sha256": sha256_file(paths.queries), "ks": list(KS),
+           "bm25": True, "tail_patch": True, "max_queries": tail_patch_queries, "lr": lr}
+
+    def make():
+        announce(f"attribution over {n_queries:,} queries (tracestar, BM25); tail-patch over {tail_patch_queries} of them ...")
+        return evaluate(index_dir, paths.queries, eval_dir, bm25=True, tail_patch=True, ks=KS, model_dir=model_dir,
+                        lr=lr, max_queries=tail_patch_queries, quiet=quiet), {}
+
+    metrics, cached = _stamped(eval_dir / "demo_eval.json", key, lambda _: _read_json(eval_dir / "metrics.json"), make)
+    return metrics, cached, None  # the table printed next is the summary
+
+
+def _print_summary(metrics: dict[str, Any], eval_dir: Path, steps: _Steps) -> None:
+    from tracestar.evaluate.run import format_table
+
+    print()
+    print(format_table(metrics))
+    tps = (metrics.get("_settings") or {}).get("tailpatch") or {}
+    if tps:
+        print(f"\ntail-patch: one {tps.get('optimizer')} step at lr={tps.get('lr'):g} per proponent, "
+              f"{tps.get('n_queries')} queries; Δlogp / Δp = mean increase of the target's log-probability / probability")
+    print(f"\nreport: {eval_dir / 'report.md'} (metrics.json, attribution_by_bucket.png, tailpatch.png beside it)")
+    print("steps (s): " + ", ".join(f"{k} {v}" + (" cached" if steps.cached.get(k) else "") for k, v in steps.seconds.items()))
+    sys.stdout.flush()
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for _ in fh)
