@@ -80,7 +80,6 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray, groups: Groups | None
     return out
 
 
-
 def _compress_int8(store: IndexStore, *, verify: bool, block_rows: int = 4096) -> dict:
     """Write the int8 codes and scales of every shard, `block_rows` rows at a time; returns the manifest entry."""
     stored = store.stored_dtype(VECTORS)

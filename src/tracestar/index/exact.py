@@ -58,7 +58,6 @@ _REL_OUT = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "float32": 2.0**-23}
 _ACC_LAMBDA = 10.0
 
 
-
 def as_tensor(block: np.ndarray, stored: str) -> torch.Tensor:
     """Zero-copy torch view of a (memory-mapped, read-only) stored block in its own dtype."""
     arr = np.asarray(block)
@@ -75,8 +74,8 @@ def as_tensor(block: np.ndarray, stored: str) -> torch.Tensor:
 
 
 def default_chunk_rows(dim: int, itemsize: int) -> int:
+    """Rows per chunk so that one chunk of stored rows is about `CHUNK_BYTES` (16 to 65,536 rows)."""
     return int(max(16, min(1 << 16, CHUNK_BYTES // max(1, dim * itemsize))))
-
 
 
 # --- the scan ---------------------------------------------------------------------------------------
@@ -307,7 +306,6 @@ def _scan_inline(
         props.merge(torch.where(keep_p, ex, neg_inf), torch.where(keep_p, rows, none))
         opps.merge(torch.where(keep_o, -ex, neg_inf), torch.where(keep_o, rows, none))
     return props, opps
-
 
 
 # --- public ------------------------------------------------------------------------------------
