@@ -100,6 +100,40 @@ def test_exact_scores_gathers_rows(tmp_path, data):
         exact_scores(store, q, np.array([[750]] * len(q)))
 
 
+def test_gather_reads_given_rows_in_any_order_across_shards(tmp_path, data):
+    x, _ = data
+    store = write_index(tmp_path / "idx", x, "bfloat16", shard_docs=128)  # 6 shards
+    rows = np.array([700, 3, 3, 129, 0, 749, 256, 127, 128])  # unsorted, repeated, on shard edges
+    want = st.as_float32(st.encode_dtype(x[rows], "bfloat16"), "bfloat16")
+    np.testing.assert_array_equal(st.as_float32(store.gather("vectors", rows), "bfloat16"), want)
+    one_shard = st.as_float32(store.gather("vectors", [140, 130]), "bfloat16")
+    np.testing.assert_array_equal(one_shard, st.as_float32(st.encode_dtype(x[[140, 130]], "bfloat16"), "bfloat16"))
+    assert store.gather("vectors", np.array([], np.int64)).shape == (0, D)
+    with pytest.raises(IndexError, match="row 750 is outside"):
+        store.gather("vectors", [5, 750])
+
+
+def test_each_file_is_hashed_once_per_store(tmp_path, data, monkeypatch):
+    """Scans, re-scores and the compressed readers share one checksum cache (`IndexStore.verify_file`)."""
+    x, q = data
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=200)  # 4 shards
+    compress(store.path, "int8")
+    store = IndexStore(store.path)
+    hashed: list[str] = []
+    real = st.sha256_file
+    monkeypatch.setattr(st, "sha256_file", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    for _ in range(2):
+        topk(store, q, 5)
+        exact_scores(store, q, np.array([[0, 300, 700]] * len(q)))
+        search(store, q, 5)  # int8 candidates, re-scored from vectors/
+    assert sorted(hashed) == sorted([f"shard-0000{i}.npy" for i in range(4)] * 2 + [f"scales-0000{i}.npy" for i in range(4)])
+    path = st.shard_path(store.path, "vectors", 1)
+    path.write_bytes(path.read_bytes()[:-8] + bytes(8))
+    topk(store, q, 5)  # this store checked it already
+    with pytest.raises(IndexStoreError, match="shard-00001.npy: checksum mismatch — the shard is corrupted"):
+        topk(IndexStore(store.path), q, 5)
+
+
 def test_int8_round_trip():
     x, _ = clustered(200, 1)
     codes, scales = quantize_int8(x)
