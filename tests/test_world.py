@@ -98,9 +98,9 @@ def test_smoke_training_saves_loadable_model(small_world, tmp_path):
     )
     assert log["steps"] == log["planned_steps"] == -(-653 // 32) and not log["cached"]
     assert "stopped_early" not in log
-    assert 0.0 <= log["first_token_accuracy"] <= 1.0
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert log["first_token_accuracy"] < 0.05  # one epoch of a 32-wide model: no fact learned yet (measured: 0 of 150)
     assert tokenizer.eos_token is not None and tokenizer.pad_token is not None
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -120,6 +120,29 @@ def test_smoke_training_saves_loadable_model(small_world, tmp_path):
     )
     assert again["cached"]
 
+
+
+def test_first_token_accuracy_counts_greedy_first_tokens():
+    """Every other target is the model's own greedy next token, found one prompt at a time; the
+    rest are another word: the accuracy is exactly one half, whatever the prompts' lengths."""
+    import torch
+
+    import tiny
+    from tracestar.world import first_token_accuracy
+
+    model, tok = tiny.gpt2(seed=0), tiny.make_tokenizer()
+    prompts = ["the capital of france is", "a small mountain", "the river in the north was", "berlin is a large",
+               "the", "in the east a large river and", "the population of", "lisbon"]
+    queries = []
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            guess = int(model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1].argmax())
+        right = tok.decode([guess])
+        wrong = next(w for w in (" paris", " rome") if tok(w, add_special_tokens=False)["input_ids"][0] != guess)
+        target = right if i % 2 == 0 else wrong
+        assert (tok(target, add_special_tokens=False)["input_ids"][0] == guess) == (i % 2 == 0), (prompt, right)
+        queries.append({"prompt": prompt, "target": target})
+    assert first_token_accuracy(model, tok, queries) == 0.5
 
 # --- training is counted in seeded steps, never in seconds ---------------------------------------
 
