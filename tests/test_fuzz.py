@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tiny
@@ -193,7 +193,7 @@ def test_structured_records_are_refused_at_the_right_line_and_field(tmp_path, wh
     names = ("text", "id") if what == "corpus" else ("target", "prompt", "id")
     endings: Counter = Counter()
 
-    @_settings(150, scale)
+    @_settings(100, scale)
     @given(lines=st.lists(_record(names), max_size=6))
     def check(lines: list[str]) -> None:
         path.write_text("".join(line + "\n" for line in lines))
@@ -271,7 +271,8 @@ def _words(n: int, seed: int) -> str:
 
 
 PROMPTS = st.one_of(st.just(""), st.builds(_words, st.integers(0, 300), st.integers(0, 99)), st.text(max_size=12))
-TARGETS = st.one_of(st.just(""), st.builds(_words, st.integers(1, 80), st.integers(0, 99)).map(lambda t: " " + t),
+TARGET_LENGTHS = st.one_of(st.integers(1, 80), st.sampled_from([62, 63, 64, 65]))  # the window is 64: 63 fit
+TARGETS = st.one_of(st.just(""), st.builds(_words, TARGET_LENGTHS, st.integers(0, 99)).map(lambda t: " " + t),
                     st.text(max_size=6))
 
 
@@ -286,8 +287,12 @@ def test_queries_with_empty_targets_and_overlong_prompts(index, scale):
     window = index.max_length
     endings: Counter = Counter()
 
-    @_settings(30, scale)
+    @_settings(24, scale)
     @given(prompt=PROMPTS, target=TARGETS)
+    @example(prompt="the capital of", target="")  # each ending at least once, whatever is drawn
+    @example(prompt="the capital of", target=" " + _words(63, 0))
+    @example(prompt="the capital of", target=" " + _words(64, 0))
+    @example(prompt=_words(300, 5), target=" paris")
     def check(prompt: str, target: str) -> None:
         TRIED["model-queries"] += 1
         n_target = len(tok(target, add_special_tokens=False)["input_ids"])
@@ -396,7 +401,7 @@ def test_damaged_optimizer_states(states, scale):
 
     endings: Counter = Counter()
 
-    @_settings(120, scale)
+    @_settings(80, scale)
     @given(kind=st.sampled_from(["adamw", "adafactor"]), how=st.sampled_from(CORRUPTIONS),
            which=st.integers(0, 100), key_pick=st.integers(0, 1), k=st.sampled_from([1, 3, 10**9]))
     def check(kind: str, how: str, which: int, key_pick: int, k: int) -> None:
