@@ -18,8 +18,9 @@ import torch
 from tracestar import dist
 from tracestar.batching import encode_document
 from tracestar.build import build_index
-from tracestar.corpus import Query, read_queries, write_jsonl
+from tracestar.corpus import Query, read_queries
 from tracestar.errors import UserError, check_int
+from tracestar.files import write_jsonl
 from tracestar.index import writer
 from tracestar.index.store import IndexStore
 from tracestar.normalizer import Normalizer
