@@ -12,9 +12,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from tiny import gpt2, llama, make_tokenizer
-from tracestar.batching import Batch, collate, encode_document, encode_query, forward_loss
+
+from tracestar.batching import (
+    Batch,
+    collate,
+    encode_document,
+    encode_query,
+    forward_loss,
+)
 from tracestar.capture import FactoredCapture
 from tracestar.model import Tracked, coverage, tracked_matrices
 from tracestar.normalizer import EPS, Normalizer, from_optimizer_state, identity
@@ -45,7 +51,7 @@ class Rig:
     blocks: list[Block]
 
     @staticmethod
-    def of(arch: str, kind: str = "paper", dim: int = 2048) -> "Rig":
+    def of(arch: str, kind: str = "paper", dim: int = 2048) -> Rig:
         model = gpt2() if arch == "gpt2" else llama()
         tracked = tracked_matrices(model)
         return Rig(model, tracked, make_layout(tracked, kind=kind, dim=dim))
@@ -245,7 +251,7 @@ def test_coverage_and_ties():
         cov = coverage(model, tracked)
         assert cov["share"] > 0.95, cov
         emb = model.get_input_embeddings().weight
-        entry = [t for t in tracked if t.param is emb][0]
+        entry = next(t for t in tracked if t.param is emb)
         assert (len(entry.sites) == 2) == tied  # a tied embedding is one parameter with two uses
 
 
@@ -333,7 +339,7 @@ def test_fused_activations_swap_and_restore():
         torch.nn.functional.gelu = real_gelu
     assert all("forward" not in vars(m) for m in acts)
     assert torch.allclose(fused, stock, rtol=0, atol=1e-6)
-    wrapped = lambda t: t  # noqa: E731 — an instance-level forward set by someone else stays in place
+    wrapped = lambda t: t
     acts[0].forward = wrapped
     with fused_activations(model) as n:
         assert n == len(acts) - 1 and acts[0].forward is wrapped

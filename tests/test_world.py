@@ -121,13 +121,12 @@ def test_smoke_training_saves_loadable_model(small_world, tmp_path):
     assert again["cached"]
 
 
-
 def test_first_token_accuracy_counts_greedy_first_tokens():
     """Every other target is the model's own greedy next token, found one prompt at a time; the
     rest are another word: the accuracy is exactly one half, whatever the prompts' lengths."""
+    import tiny
     import torch
 
-    import tiny
     from tracestar.world import first_token_accuracy
 
     model, tok = tiny.gpt2(seed=0), tiny.make_tokenizer()
