@@ -81,6 +81,7 @@ def test_bad_bytes_and_json_messages_name_the_line(tmp_path):
 
 def test_a_query_too_long_for_the_window_loses_its_oldest_prompt_tokens():
     import tiny
+
     from tracestar.batching import TargetTooLong, encode_query
 
     tok = tiny.make_tokenizer()
@@ -96,7 +97,7 @@ def test_a_query_too_long_for_the_window_loses_its_oldest_prompt_tokens():
 
 # --- formats: every one gives the documents plain JSONL gives ----------------------------------------
 
-WORDS = "the capital of france is paris river mountain city north south a small large".split()
+WORDS = ["the", "capital", "of", "france", "is", "paris", "river", "mountain", "city", "north", "south", "a", "small", "large"]
 
 
 def _rows(n: int, *, with_ids: bool = True, words: int = 6) -> list[dict]:
@@ -112,7 +113,7 @@ def _jsonl_bytes(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def _write_format(kind: str, rows: list[dict], root) -> "object":
+def _write_format(kind: str, rows: list[dict], root) -> object:
     """`rows` written as `kind`; the path to hand to the readers."""
     import gzip
 

@@ -19,14 +19,13 @@ import json
 import math
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import tiny
 from tracestar.corpus import iter_documents, read_queries, validate_corpus
 from tracestar.errors import InputError, UserError
 
@@ -229,8 +228,8 @@ def test_deeply_nested_json_is_one_line(tmp_path, scale):
         with pytest.raises(InputError) as err:
             validate_corpus(path)
         msg = _one_line(err.value, f"{path}:1:")
-        assert msg.endswith(("JSON nested too deeply to read", f"field 'text': expected a string, got "
-                             f"{'list' if opener == '[' else 'dict'}")), msg
+        not_a_string = f"field 'text': expected a string, got {'list' if opener == '[' else 'dict'}"
+        assert msg.endswith(("JSON nested too deeply to read", not_a_string)), msg
         endings["too deep" if "too deeply" in msg else "not a string"] += 1
 
     check()
@@ -395,8 +394,8 @@ def test_damaged_optimizer_states(states, scale):
     """NaN, inf, negative or all-zero second moments, wrong dtypes and shapes, bad step counts and
     β₂: refused naming the parameter (and key), or — zeros in part, fp16/bf16, extreme but finite
     scales — read into finite, positive scales (zeros are floored at eps × the mean)."""
-    from tracestar.normalizer import from_state
     from tracestar.model import tracked_matrices
+    from tracestar.normalizer import from_state
     from tracestar.optim_state import _expected_shape, from_state_dict
 
     endings: Counter = Counter()
