@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
+from tiny import cli
 
 from tracestar.api import build_index, open_index
 from tracestar.corpus import read_queries
@@ -20,10 +19,6 @@ def index(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("explain") / "index"
     return build_index(world["model"], world["corpus"], out, optimizer_state=world["optimizer"], proj_dim=16384, r_block=512,
                        eval_queries=world["queries"], quiet=True)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tracestar", *args], capture_output=True, text=True)
 
 
 def test_token_scores_sum_to_the_query_score(world, index):
@@ -87,7 +82,7 @@ def test_explain_pairs_reports_a_failing_document_and_goes_on(world, index):
 
 
 def test_explain_cli_json(world, index):
-    proc = _cli("explain", "--index", str(index), "--queries", str(world["queries"]), "--query-id", "q0",
+    proc = cli("explain", "--index", str(index), "--queries", str(world["queries"]), "--query-id", "q0",
                 "--doc-id", "d0", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -103,10 +98,10 @@ def test_explain_cli_json(world, index):
 
 def test_explain_cli_text_prints_positions_and_their_convention(world, index):
     # d6, "the river in the north was large .", holds "the" twice
-    proc = _cli("explain", "--index", str(index), "--queries", str(world["queries"]), "--query-id", "q0",
+    proc = cli("explain", "--index", str(index), "--queries", str(world["queries"]), "--query-id", "q0",
                 "--doc-id", "d6", "--json")
     tokens = json.loads(proc.stdout)["tokens"]
-    proc = _cli("explain", "--index", str(index), "--queries", str(world["queries"]), "--query-id", "q0", "--doc-id", "d6")
+    proc = cli("explain", "--index", str(index), "--queries", str(world["queries"]), "--query-id", "q0", "--doc-id", "d6")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "positions count the document's tokens from 0" in proc.stdout
@@ -128,15 +123,15 @@ def test_query_cli_names_the_form_it_searched(world, index, tmp_path):
     copy = tmp_path / "index"
     shutil.copytree(index, copy)
     args = ["query", "--index", str(copy), "--queries", str(world["queries"]), "--out", str(tmp_path / "r.jsonl"), "--top-k", "2"]
-    proc = _cli(*args)
+    proc = cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("searched: exact (full-precision vectors)")
     compress_mod.compress(copy, "int8")
-    proc = _cli(*args)
+    proc = cli(*args)
     assert proc.stdout.strip().endswith("searched: int8 (candidates re-scored exactly)"), proc.stdout
-    proc = _cli(*args, "--rerank", "0")
+    proc = cli(*args, "--rerank", "0")
     assert proc.stdout.strip().endswith("searched: int8 (approximate scores)"), proc.stdout
-    proc = _cli(*args, "--exact")
+    proc = cli(*args, "--exact")
     assert proc.stdout.strip().endswith("searched: exact (full-precision vectors)"), proc.stdout
 
 
@@ -162,8 +157,19 @@ def test_report_refuses_a_model_that_is_not_the_index_model(world, index, tmp_pa
     results.write_text(json.dumps({"query_id": "q0", "prompt": "the capital of france is", "target": " paris",
                                    "proponents": [{"doc_id": "d0", "score": 0.5}], "opponents": []}) + "\n")
     out = tmp_path / "report.html"
-    proc = _cli("report", "--results", str(results), "--index", str(index), "--out", str(out), "--model", str(other))
+    proc = cli("report", "--results", str(results), "--index", str(index), "--out", str(out), "--model", str(other))
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "fingerprint" in err[0] and str(other) in err[0], proc.stderr
     assert not out.exists()
+
+
+def test_text_form_lists_the_top_positions_by_magnitude():
+    from tracestar.explain import POSITION_CONVENTION, TokenAttribution
+
+    att = TokenAttribution("d7", 0.5, [("Paris", 0.375), ("<|eos|>", -0.5), (" is", 0.625)], [False, True, False])
+    lines = att.to_text(top=2).splitlines()
+    assert lines[0] == "d7: score +0.50000 (sum over its 3 positions +0.50000)"
+    assert lines[1] == POSITION_CONVENTION + "."
+    assert lines[2] == "top 2 of 3 positions by |score| (--json lists all):"
+    assert lines[4:] == ["      2  +0.62500  ' is'", "      1  -0.50000  '<|eos|>'  (special token)"]

@@ -299,20 +299,7 @@ def _run_explain(args) -> int:
             raise UserError("--prompt needs --target")
         query = Query("cli", args.prompt or "", args.target)
     att = explain(args.index, args.doc_id, query=query, queries_path=args.queries, query_id=args.query_id, model_dir=args.model)
-    if args.json:
-        print(json.dumps(att.to_json(), ensure_ascii=False))
-        return 0
-    from tracestar.explain import POSITION_CONVENTION
-
-    n = len(att.tokens)
-    print(f"{att.doc_id}: score {att.doc_score:+.5f} (sum over its {n} positions {sum(s for _, s in att.tokens):+.5f})")
-    print(f"{POSITION_CONVENTION}.")
-    top = sorted(range(n), key=lambda i: -abs(att.tokens[i][1]))[:15]
-    print(f"top {len(top)} of {n} positions by |score| (--json lists all):")
-    print(f"  {'pos':>5}  {'score':>9}  token")
-    for i in top:
-        token, score = att.tokens[i]
-        print(f"  {i:>5}  {score:+.5f}  {token!r}{'  (special token)' if att.is_special(i) else ''}")
+    print(json.dumps(att.to_json(), ensure_ascii=False) if args.json else att.to_text())
     return 0
 
 

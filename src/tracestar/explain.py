@@ -64,6 +64,19 @@ class TokenAttribution:
             ],
         }
 
+    def to_text(self, top: int = 15) -> str:
+        """`tracestar explain`'s text form: the score and its per-position sum, how positions are
+        counted, then the `top` positions by |score|."""
+        n = len(self.tokens)
+        lines = [f"{self.doc_id}: score {self.doc_score:+.5f} (sum over its {n} positions "
+                 f"{sum(s for _, s in self.tokens):+.5f})", f"{POSITION_CONVENTION}."]
+        best = sorted(range(n), key=lambda i: -abs(self.tokens[i][1]))[:top]
+        lines += [f"top {len(best)} of {n} positions by |score| (--json lists all):", f"  {'pos':>5}  {'score':>9}  token"]
+        for i in best:
+            token, score = self.tokens[i]
+            lines.append(f"  {i:>5}  {score:+.5f}  {token!r}{'  (special token)' if self.is_special(i) else ''}")
+        return "\n".join(lines)
+
 
 def document_texts(index, doc_ids) -> dict[str, str]:
     """Texts of the given documents, read from the corpus recorded in the manifest (one pass)."""
