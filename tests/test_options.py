@@ -85,3 +85,19 @@ def test_help_shows_the_field_defaults(capsys):
         main(["eval", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default 1,3,5,10)" in out and "--variants [DIR ...]" in out and "--model MODEL_DIR" in out
+
+
+def test_report_quiet_reaches_build_report(monkeypatch, capsys):
+    import tracestar.report
+
+    seen = {}
+
+    def fake(results, index, out, **kw):
+        seen.update(kw)
+        return out
+
+    monkeypatch.setattr(tracestar.report, "build_report", fake)
+    base = ["report", "--results", "r.jsonl", "--index", "i", "--out", "o.html"]
+    assert main(base) == 0 and seen["quiet"] is False and seen["explain"] is True
+    assert main([*base, "--quiet", "--no-explain"]) == 0 and seen["quiet"] is True and seen["explain"] is False
+    assert capsys.readouterr().out.split() == ["o.html", "o.html"]
