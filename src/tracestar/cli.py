@@ -193,7 +193,8 @@ def _add_refit(sub) -> None:
 def _run_refit(args) -> int:
     from tracestar.api import refit
 
-    refit(args.index, args.out, model_dir=args.model, **chosen(args, BuildOptions, (*_REFIT_OPTIONS, "overwrite", "quiet")))
+    options = chosen(args, BuildOptions, (*_REFIT_OPTIONS, "overwrite", "quiet"))
+    refit(args.index, args.out, model_dir=args.model, **options)
     return 0
 
 

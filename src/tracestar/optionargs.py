@@ -43,8 +43,8 @@ def add_fields(p: argparse.ArgumentParser, cls: type, names: Iterable[str] | Non
             continue
         kind = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
         extra = {k: v for k, v in meta.items() if k not in ("help", "flag")}
-        p.add_argument(flag, dest=name, type=None if kind is str else kind, default=default if inherit_defaults else None,
-                       help=text, **extra)
+        p.add_argument(flag, dest=name, type=None if kind is str else kind,
+                       default=default if inherit_defaults else None, help=text, **extra)
 
 
 def chosen(args: argparse.Namespace, cls: type, names: Iterable[str] | None = None) -> dict:

@@ -77,7 +77,8 @@ class BuildOptions:
     lam: float | None = _opt(None, "mixing weight of R_eval in [0, 1], mixed preconditioner only "
                                    "(default: spectrum matching)", flag="--lambda")
     fit_docs: int | None = _opt(None, "documents sampled for R_train (default: all, at most 10,000)")
-    damping: float = _opt(DEFAULT_DAMPING, "added to R's spectrum, times its mean eigenvalue; > 0 (default %(default)s)")
+    damping: float = _opt(DEFAULT_DAMPING,
+                          "added to R's spectrum, times its mean eigenvalue; > 0 (default %(default)s)")
     r_block: int = _opt(DEFAULT_R_BLOCK)
     # float16, or float32 when vectors are not unit-normalized (`resolved`)
     dtype: str | None = _opt(None, "stored vector dtype (default float16)", choices=DTYPES)
@@ -190,7 +191,8 @@ class EvalOptions:
     variants: tuple[str, ...] = _opt((), "more index directories to compare", nargs="*", metavar="DIR")
     model_dir: str | None = _opt(None, "model directory (default: the index's model)", flag="--model")
     lr: float | None = _opt(None, "tail-patch learning rate, > 0 (default: the trainer's)")
-    max_queries: int | None = _opt(None, "tail-patch at most N queries (a bucket-stratified sample); attribution uses all")
+    max_queries: int | None = _opt(None, "tail-patch at most N queries (a bucket-stratified sample); attribution "
+                                         "uses all")
 
     def ks(self) -> tuple[int, ...]:
         """`k` as integers; a `UserError` names --k unless it lists positive integers."""
@@ -233,7 +235,8 @@ class ExplainOptions:
     prompt: str | None = _opt(None, "the query's prompt (with --target, instead of --queries/--query-id)")
     target: str | None = _opt(None, "the completion whose support is explained; only its tokens are scored")
     model: str | None = _opt(None, "model directory (default: the manifest's)")
-    json: bool = _opt(False, "print {doc_id, doc_score, position_convention, tokens: [{position, token, score, special}]}")
+    json: bool = _opt(False, "print {doc_id, doc_score, position_convention, tokens: [{position, token, score, "
+                             "special}]}")
 
 
 @dataclass
