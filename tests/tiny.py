@@ -124,3 +124,20 @@ def trained_world(root: Path) -> dict:
     pairs = [(f.rsplit(" is ", 1)[0] + " is", " " + f.rsplit(" is ", 1)[1].split()[0]) for f in FACTS]
     queries = write_queries(root / "queries.jsonl", pairs)
     return {"model": mdir, "corpus": corpus, "queries": queries, "optimizer": mdir / "optimizer.pt"}
+
+
+def cli(*args: str):
+    """`python -m tracestar ARGS` in a child process, as a user runs it: (returncode, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tracestar", *args], capture_output=True, text=True)
+
+
+def all_vectors(idx):
+    """An open index's final vectors, every shard in row order, as float32 [N, D]."""
+    import numpy as np
+
+    from tracestar.index.store import as_float32
+
+    return np.concatenate([as_float32(a, idx.manifest["dtype"]) for _, a in idx.store.iter_shards()])
