@@ -348,3 +348,13 @@ def test_options_are_checked_by_the_library(world, built, tmp_path):
         with pytest.raises(OptionError, match=f"^{option}: "):
             _build_again(world, tmp_path / "index", **kw)
     assert not (tmp_path / "index").exists()
+
+
+def test_build_json_round_trips_through_build_options(built):
+    from tracestar.options import BuildOptions
+
+    recorded = json.loads((built / "build.json").read_text())
+    opts = BuildOptions.from_json(recorded, lam=0.25, quiet=True)
+    assert opts.quiet is True and opts.lam == 0.25 and opts.shard_docs == 3 and opts.proj_dim == DIM
+    again = {**opts.identity(), "lam": recorded["lam"]}
+    assert again == {k: v for k, v in recorded.items() if k not in ("model_fingerprint", "corpus")}
