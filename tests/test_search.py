@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tracestar import testing
+from tracestar import files, testing
 from tracestar.errors import IndexStoreError
 from tracestar.index import store as st
+from tracestar.index import writer
 from tracestar.index.canonical import brute_force, exact_scores
 from tracestar.index.compress import compress, dequantize_int8, quantize_int8
 from tracestar.index.exact import topk, topk_distributed
@@ -80,7 +81,7 @@ def test_k_larger_than_rows_returns_all(tmp_path):
 def test_corrupted_shard_raises(tmp_path, data):
     x, q = data
     store = write_index(tmp_path / "idx", x, "float16", shard_docs=200)
-    path = st.shard_path(store.path, "vectors", 2)
+    path = writer.shard_path(store.path, "vectors", 2)
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -127,7 +128,7 @@ def test_each_file_is_hashed_once_per_store(tmp_path, data, monkeypatch):
         exact_scores(store, q, np.array([[0, 300, 700]] * len(q)))
         search(store, q, 5)  # int8 candidates, re-scored from vectors/
     assert sorted(hashed) == sorted([f"shard-0000{i}.npy" for i in range(4)] * 2 + [f"scales-0000{i}.npy" for i in range(4)])
-    path = st.shard_path(store.path, "vectors", 1)
+    path = writer.shard_path(store.path, "vectors", 1)
     path.write_bytes(path.read_bytes()[:-8] + bytes(8))
     topk(store, q, 5)  # this store checked it already
     with pytest.raises(IndexStoreError, match="shard-00001.npy: checksum mismatch — the shard is corrupted"):
@@ -228,7 +229,7 @@ def test_int8_groups_follow_projection_blocks_and_old_entries_still_load(tmp_pat
     store = write_index(tmp_path / "idx", x, "float16", shard_docs=300)
     man = json.loads((store.path / "manifest.json").read_text())
     man["projection"] = {"blocks": [{"name": f"b{i}", "k": 8, "params": [], "offset": 64 * i} for i in range(4)]}
-    st.write_manifest(store.path, man)
+    writer.write_manifest(store.path, man)
     entry = compress(store.path, "int8")
     assert entry["groups"] == [[0, 64], [64, 64], [128, 64], [192, 64]] and entry["bytes_per_doc"] == D + 16
     store = IndexStore(store.path)
@@ -238,9 +239,9 @@ def test_int8_groups_follow_projection_blocks_and_old_entries_still_load(tmp_pat
     e = man["compressed"]["int8"]
     del e["groups"]
     codes, scales = quantize_int8(x)
-    e["shards"][0]["codes_sha256"] = st.write_array(store.path / "compressed/int8/shard-00000.npy", codes)
-    e["shards"][0]["scales_sha256"] = st.write_array(store.path / "compressed/int8/scales-00000.npy", scales[:, 0])
-    st.write_manifest(store.path, man)
+    e["shards"][0]["codes_sha256"] = files.write_npy(store.path / "compressed/int8/shard-00000.npy", codes)
+    e["shards"][0]["scales_sha256"] = files.write_npy(store.path / "compressed/int8/scales-00000.npy", scales[:, 0])
+    writer.write_manifest(store.path, man)
     old = search_compressed(IndexStore(store.path), q, 5, rerank=0)
     assert overlap(old.prop_rows, new.prop_rows) >= 0.8
     np.testing.assert_allclose(old.prop_scores, new.prop_scores, atol=0.02)
@@ -403,7 +404,7 @@ def test_non_unit_vectors_and_fp16_overflow(tmp_path, data, dtype):
     store = write_index(tmp_path / "idx", x * scale, dtype, shard_docs=200)
     man = json.loads((store.path / "manifest.json").read_text())
     man["unit_norm"] = False
-    st.write_manifest(store.path, man)
+    writer.write_manifest(store.path, man)
     store = IndexStore(store.path)
     for chunk in (None, 64):  # scores up to ~1e5: fp32 agreement is relative there
         _assert_matches_brute_force(store, q * 2000.0, 10, chunk_rows=chunk)

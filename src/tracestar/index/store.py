@@ -5,9 +5,7 @@ under a temporary name and renamed when complete, and the manifest — written l
 shard with its row count and sha256. So an interrupted build never leaves a file that looks
 complete, a corrupted shard is detected, and a finished shard can be trusted on resume.
 
-This module reads; `index/writer.py` writes and names every file. The writer's names and writing
-functions are imported here under their old `store.` names for the scripts that build small
-indexes by hand (tests, benches); each exists once, there.
+This module reads; `index/writer.py` writes and names every file.
 """
 
 from __future__ import annotations
@@ -22,19 +20,8 @@ from typing import Iterator
 import numpy as np
 
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.files import sha256_file, write_json  # noqa: F401 (re-exported)
-from tracestar.files import write_npy as write_array  # noqa: F401 (re-exported)
-from tracestar.index.writer import (  # noqa: F401 (re-exported)
-    COMPRESSED_FORMS,
-    DOCS,
-    FORMAT_VERSION,
-    KINDS,
-    MANIFEST,
-    shard_name,
-    shard_path,
-    write_manifest,
-    write_shard,
-)
+from tracestar.files import sha256_file
+from tracestar.index.writer import COMPRESSED_FORMS, DOCS, FORMAT_VERSION, KINDS, MANIFEST, shard_path
 
 
 def read_manifest(index_dir: str | Path) -> dict:
