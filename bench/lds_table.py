@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from tracestar.evaluate.lds import (EXACT, LdsData, baseline_scores, exact_gradi
 BASE_DIM = 1 << 14
 
 
-def rows(dim: int) -> list[tuple[str, str, dict[str, Any]]]:
+def rows(dim: int, bergson: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
     out: list[tuple[str, str, dict[str, Any]]] = []
     for v in ("dot", "opt", "opt-norm", "train-r", "trackstar"):
         out.append(("ladder", v, {"variant": v, "dim": dim}))
@@ -61,12 +62,18 @@ def rows(dim: int) -> list[tuple[str, str, dict[str, Any]]]:
     for d in (1 << 12, 1 << 14, 1 << 16):
         for v in ("opt-norm", "train-r", "trackstar"):
             out.append(("dim", f"{v} dim 2^{d.bit_length() - 1}", {"variant": v, "dim": d}))
+    if bergson:
+        # bergson tracks the 8 block matrices (not the tied embedding), k × k each: k = 22 is 3,872 ≈ 2^12
+        out.append(("bergson", "bergson trackstar 8 × 22², no V", {"bergson": 22}))
+        out.append(("bergson", "trackstar 2^12 module blocks, no V", {"variant": None, "dim": 1 << 12, "build": {
+            "blocks": "module", "optimizer_correction": False, "preconditioner": "mixed"}}))
+        out.append(("bergson", "trackstar 2^12 module blocks", {"variant": "trackstar", "dim": 1 << 12, "build": {"blocks": "module"}}))
     return out
 
 
 def _index_dir(root: Path, spec: dict[str, Any]) -> Path:
     extra = "-".join(f"{k}{v}" for k, v in sorted(spec.get("build", {}).items()))
-    return root / f"{spec['variant']}-d{spec['dim']}{('-' + extra) if extra else ''}"
+    return root / f"{spec['variant'] or 'custom'}-d{spec['dim']}{('-' + extra) if extra else ''}"
 
 
 def _refit_dir(base: Path, refit_opts: dict[str, Any]) -> Path:
@@ -100,6 +107,8 @@ def _lambda(index_dir: Path) -> float | None:
 
 def row_scores(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """[Q, N] scores of one row, and what to print beside them (λ, dimension)."""
+    if "bergson" in spec:
+        return bergson_scores(data, root / f"bergson-k{spec['bergson']}", spec["bergson"]), {"dim": 8 * spec["bergson"] ** 2}
     if "baseline" in spec:
         if spec["baseline"] == EXACT:
             cache = root / "exact-scores.npy"
@@ -110,6 +119,46 @@ def row_scores(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> tu
     d = index_for(data, root, spec, seed)
     manifest = json.loads((d / "manifest.json").read_text())
     return index_scores(d, data.queries, data.model_dir), {"lambda": _lambda(d), "dim": manifest["dim"]}
+
+
+#: Where a Python with bergson installed is (`--bergson`); bergson is not a dependency of tracestar.
+BERGSON_PYTHON: str | None = None
+
+
+def bergson_scores(data: LdsData, work: Path, k: int) -> np.ndarray:
+    """[Q, N] scores from `bergson trackstar` (its own R mixing, λ and damping) on the same model and world.
+
+    bergson reads a (prompt, completion) query through the tokenizer's chat template, so it runs on a
+    copy of the model whose template is the bare concatenation: the same text the index scores.
+    Its loader finds no second moment in torch's Adafactor state (row_var/col_var), so it runs
+    without the optimizer correction. Scores come from its scores/scores.bin ([N] records of
+    (score_q float32, written_q bool), described by scores/info.json).
+    """
+    import shutil
+    import subprocess
+
+    scores_bin = work / "run" / "scores" / "scores.bin"
+    if not scores_bin.exists():
+        model = work / "model"
+        if not model.exists():
+            shutil.copytree(data.model_dir, model)
+            cfg_path = model / "tokenizer_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+            cfg_path.write_text(json.dumps(cfg))
+        write_jsonl(work / "corpus.jsonl", [{"text": t} for t in data.texts])
+        write_jsonl(work / "queries.jsonl", [{"prompt": q.prompt, "completion": q.target} for q in data.queries])
+        cmd = [BERGSON_PYTHON, "-m", "bergson", "trackstar", str(work / "run"), "--model", str(model),
+               "--data.dataset", str(work / "corpus.jsonl"), "--query.dataset", str(work / "queries.jsonl"),
+               "--query.prompt_column", "prompt", "--query.completion_column", "completion", "--projection_dim", str(k),
+               "--auto_batch_size", "false", "--token_batch_size", "96", "--overwrite", "true"]
+        t0 = time.monotonic()
+        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                       stdout=subprocess.DEVNULL)
+        (work / "seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
+    info = json.loads((work / "run" / "scores" / "info.json").read_text())
+    rec = np.fromfile(scores_bin, dtype=np.dtype(info["dtype"]), count=info["num_rows"])
+    return np.stack([rec[f"score_{q}"].astype(np.float64) for q in range(info["num_scores"])])  # [Q, N]
 
 
 def tail_patch_rows(data: LdsData, results: dict[str, list[dict]], n_queries: int) -> dict[str, dict[str, Any]]:
@@ -147,7 +196,10 @@ def main() -> None:
     ap.add_argument("--tail-patch", type=int, default=50, help="queries to tail-patch (0: none)")
     ap.add_argument("--sections", help="comma-separated sections to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bergson", metavar="PYTHON", help="a Python with bergson installed: adds bergson's trackstar at ~2^12")
     args = ap.parse_args()
+    global BERGSON_PYTHON
+    BERGSON_PYTHON = args.bergson
     out = Path(args.out)
     world = Path(args.world) if args.world else out / "world"
     if not args.world and not (world / "queries.jsonl").exists():
@@ -162,7 +214,7 @@ def main() -> None:
           f"{len(data.queries)} queries ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
     wanted = set(args.sections.split(",")) if args.sections else None
     table, lists, root = [], {}, out / "indexes"
-    for section, label, spec in rows(args.dim):
+    for section, label, spec in rows(args.dim, bergson=bool(args.bergson)):
         if wanted and section not in wanted:
             continue
         t1 = time.monotonic()
