@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -130,14 +131,9 @@ def test_finetune_then_trace(smollm2_dir, tmp_path):
     assert m["bm25"]["mrr"] > 0.5  # the facts are stated in words BM25 matches
     n_docs = sum(1 for _ in open(work / "world" / "corpus.jsonl"))
     queries = [json.loads(line) for line in open(work / "world" / "queries.jsonl")]
-    chance = sum(_random_mrr(n_docs, len(q["relevant"])) for q in queries) / len(queries)
+    chance = sum(tiny.chance_mrr(n_docs, len(q["relevant"])) for q in queries) / len(queries)
     assert m["tracestar"]["mrr"] > 1.5 * chance, (m["tracestar"], chance)  # gradients find the stating documents
     tp = summary["tailpatch"]  # the step is the checkpoint's own AdamW, at the schedule's peak lr
     assert (tp["optimizer"], tp["mapping"], tp["optimizer_step"], tp["lr"]) == ("adamw", "trainer-groups", ft["steps"], 2e-4)
     deltas = [m[k][f"dlogp@{n}"] for k in ("tracestar", "bm25", "relevant") for n in (1, 10)]
     assert all(math.isfinite(d) and d != 0 for d in deltas + [summary["null_step"]["delta_logprob"]]), summary
-
-
-def _random_mrr(n: int, relevant: int) -> float:
-    """Expected 1/rank of the first of `relevant` documents in a random order of `n`."""
-    return sum(math.comb(n - k, relevant - 1) / math.comb(n, relevant) / k for k in range(1, n - relevant + 2))

@@ -141,3 +141,11 @@ def all_vectors(idx):
     from tracestar.index.store import as_float32
 
     return np.concatenate([as_float32(a, idx.manifest["dtype"]) for _, a in idx.store.iter_shards()])
+
+
+def chance_mrr(n: int, relevant: int) -> float:
+    """Expected 1/rank of the first of `relevant` documents when `n` documents are ranked at random:
+    the floor an attribution MRR must clear to mean anything."""
+    import math
+
+    return sum(math.comb(n - k, relevant - 1) / math.comb(n, relevant) / k for k in range(1, n - relevant + 2))
