@@ -15,6 +15,7 @@ import sys
 from tracestar.errors import UserError
 from tracestar.optionargs import add_fields, chosen
 from tracestar.options import (
+    DEFAULT_TRAIN_EPOCHS,
     MAX_NEW_TOKENS_LIMIT,
     BuildOptions,
     CompressOptions,
@@ -91,8 +92,8 @@ def _add_train(sub) -> None:
     p.add_argument("--queries", default=None, help="queries to report first-token accuracy on")
     p.add_argument("--seed", type=int, default=0, help="training seed: the same seed trains the same model (default 0)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the corpus (default 12); every planned step is taken, so a busy machine "
-                        "takes longer but trains the same model")
+                   help=f"passes over the corpus (default {DEFAULT_TRAIN_EPOCHS}); every planned step is taken, so a "
+                        "busy machine takes longer but trains the same model")
     p.add_argument("--force", action="store_true", help="retrain even if OUT holds the same finished run")
     p.set_defaults(func=_run_train)
 

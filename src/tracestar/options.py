@@ -174,6 +174,8 @@ DEFAULT_MAX_NEW_TOKENS = 32
 MAX_NEW_TOKENS_LIMIT = 1024
 #: The k of recall@k and of tail-patch's top-k proponents.
 DEFAULT_KS = (1, 3, 5, 10)
+#: Passes over the corpus `tracestar train` makes unless told otherwise (`world.train.TrainConfig.epochs`).
+DEFAULT_TRAIN_EPOCHS = 12
 
 
 @dataclass

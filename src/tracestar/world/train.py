@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tracestar.batching import encode_document
+from tracestar.options import DEFAULT_TRAIN_EPOCHS
 from tracestar.files import sha256_file, write_json
 
 EOS = "<|endoftext|>"
@@ -56,7 +57,7 @@ class TrainConfig:
     max_length: int = 96
     # Full world, one thread, ~10 steps per CPU second: 12 epochs = 1,572 steps, 156 CPU s, 87.9%
     # first-token accuracy; 10 epochs 85.9%; 20 epochs 89.5% in 255 CPU s (measured).
-    epochs: int = 12
+    epochs: int = DEFAULT_TRAIN_EPOCHS
     batch_size: int = 32
     lr: float = 0.05
     warmup_frac: float = 0.04
