@@ -65,8 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_world(sub) -> None:
     p = sub.add_parser("world", help="write the built-in fact world (corpus, queries, facts)")
     p.add_argument("--out", required=True, help="directory for corpus.jsonl, queries.jsonl, facts.jsonl")
-    p.add_argument("--seed", type=int, default=0, help="world seed: the same seed writes the same files (default 0)")
-    p.add_argument("--scale", choices=["full", "small"], default="full", help="world size (default full)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="world seed: the same seed writes the same files (default %(default)s)")
+    p.add_argument("--scale", choices=["full", "small"], default="full", help="world size (default %(default)s)")
     p.set_defaults(func=_run_world)
 
 
@@ -90,7 +91,8 @@ def _add_train(sub) -> None:
     p.add_argument("--corpus", required=True, help="JSONL corpus to train on (as written by `tracestar world`)")
     p.add_argument("--out", required=True, help="model directory (HF format + optimizer.pt + train_log.json)")
     p.add_argument("--queries", default=None, help="queries to report first-token accuracy on")
-    p.add_argument("--seed", type=int, default=0, help="training seed: the same seed trains the same model (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed: the same seed trains the same model (default %(default)s)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the corpus (default {DEFAULT_TRAIN_EPOCHS}); every planned step is taken, so a "
                         "busy machine takes longer but trains the same model")
@@ -224,8 +226,8 @@ def _run_eval(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="world -> train -> index (mixed R) -> eval with BM25 and tail-patch, cached")
-    p.add_argument("--out", default="tracestar-demo", help="working directory (default tracestar-demo)")
-    p.add_argument("--scale", default="full", choices=("small", "full"), help="world size (default full)")
+    p.add_argument("--out", default="tracestar-demo", help="working directory (default %(default)s)")
+    p.add_argument("--scale", default="full", choices=("small", "full"), help="world size (default %(default)s)")
     p.set_defaults(func=_run_demo)
 
 
