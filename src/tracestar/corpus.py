@@ -156,17 +156,14 @@ def _lines(path: Path, kind: str) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of a JSONL file; a truncated or corrupt compressed stream is an
     `InputError` naming the line it broke off in, never a silently shorter corpus."""
     with _open_binary(path, kind) as fh:
-        lineno, lines = 0, iter(fh)
-        while True:
-            try:
-                data = next(lines)
-            except StopIteration:
-                return
-            except Exception as exc:  # noqa: BLE001 - gzip's OSError/EOFError, zlib.error, zstd's own: no common base
-                what = {"jsonl.gz": "gzip", "jsonl.zst": "zstd"}.get(kind, "file")
-                raise InputError(path, lineno + 1, None, f"truncated or corrupt {what} data ({_first_line(exc)})") from None
-            lineno += 1
-            yield lineno, data
+        lineno = 0
+        try:
+            for data in fh:
+                lineno += 1
+                yield lineno, data
+        except Exception as exc:  # noqa: BLE001 - gzip's OSError/EOFError, zlib.error, zstd's own: no common base
+            what = {"jsonl.gz": "gzip", "jsonl.zst": "zstd"}.get(kind, "file")
+            raise InputError(path, lineno + 1, None, f"truncated or corrupt {what} data ({_first_line(exc)})") from None
 
 
 def _open_binary(path: Path, kind: str) -> BinaryIO:
@@ -341,7 +338,7 @@ def _string_field(path: Path, line: int, rec: Any, name: str, *, required: bool,
 
 def _surrogate(value: str) -> str | None:
     """Why `value` cannot be text (a lone surrogate, which JSON can escape but UTF-8 cannot hold)."""
-    bad = _SURROGATE.search(value)
+    bad = None if value.isascii() else _SURROGATE.search(value)
     if bad is None:
         return None
     return f"holds a lone surrogate (\\u{ord(bad.group()):04x} at character {bad.start() + 1}), which no UTF-8 text can"
@@ -350,8 +347,9 @@ def _surrogate(value: str) -> str | None:
 class _SeenIds:
     """Ids read so far, as 64-bit hashes: the latest `FLUSH` in a set, the rest in one sorted
     uint64 array — 8 bytes an id, so a million ids take 8 MB rather than the ~100 MB of a set of
-    strings. `add` answers whether the hash was seen before; two ids can share a hash, so the
-    caller confirms a hit by reading the file again (a hit is an error or, rarely, a collision)."""
+    strings. An id costs one set lookup; every `FLUSH` ids the batch is checked against the array
+    at once. Two ids can share a hash, so a hit is only a suspect: the caller confirms it by
+    reading the file again (a hit is an error, or very rarely a collision)."""
 
     FLUSH = 8192
 
@@ -360,21 +358,31 @@ class _SeenIds:
         self._older = np.empty(0, dtype=np.uint64)  # sorted
 
     def add(self, key: str) -> bool:
-        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF  # stable within a process, which is all a pass needs
-        if h in self._recent or self._in_older(h):
+        """Whether `key`'s hash is among the ids since the last flush (then it is not added)."""
+        h = _hash(key)
+        if h in self._recent:
             return True
         self._recent.add(h)
-        if len(self._recent) >= self.FLUSH:
-            fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-            self._recent = set()  # freed before the copy below, which is the peak
-            merged = np.concatenate([self._older, fresh])  # 16 bytes an id while both exist
-            merged.sort(kind="stable")  # a sorted run and a short one: timsort merges them
-            self._older = merged
         return False
 
-    def _in_older(self, h: int) -> bool:
-        i = int(np.searchsorted(self._older, np.uint64(h)))
-        return i < len(self._older) and int(self._older[i]) == h
+    @property
+    def full(self) -> bool:
+        return len(self._recent) >= self.FLUSH
+
+    def flush(self) -> set[int]:
+        """Move the batch into the array; the batch's hashes that the array already held."""
+        fresh = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+        self._recent = set()  # freed before the copy below, which is the peak
+        at = np.minimum(np.searchsorted(self._older, fresh), max(len(self._older) - 1, 0))
+        suspects = {int(h) for h in fresh[self._older[at] == fresh]} if len(self._older) else set()
+        merged = np.concatenate([self._older, fresh])  # 16 bytes an id while both exist
+        merged.sort(kind="stable")  # a sorted run and a short one: timsort merges them
+        self._older = merged
+        return suspects
+
+
+def _hash(key: str) -> int:
+    return hash(key) & 0xFFFF_FFFF_FFFF_FFFF  # stable within a process, which is all a pass needs
 
 
 def _documents(path: Path, text_field: str, id_field: str) -> Iterator[tuple[Path, Document]]:
@@ -386,26 +394,41 @@ def _documents(path: Path, text_field: str, id_field: str) -> Iterator[tuple[Pat
 
 
 def iter_documents(path: str | Path, *, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """Documents in file order. A missing id defaults to the 0-based record number as a string."""
+    """Documents in file order. A missing id defaults to the 0-based record number as a string.
+
+    A duplicate id raises naming both lines; one whose first copy is more than `_SeenIds.FLUSH`
+    documents back is found up to that many documents late (`validate_corpus` reads to the end
+    before anything is built, so a build never sees one).
+    """
     p = Path(path)
     seen = _SeenIds()
-    for index, (file, doc) in enumerate(_documents(p, text_field, id_field)):
+    count = 0
+    for file, doc in _documents(p, text_field, id_field):
+        count += 1
         if seen.add(doc.id):
-            first = _earlier(p, text_field, id_field, doc.id, index)
-            if first is not None:
-                where = first[1] if first[0] == file else f"{first[0]}:{first[1]}"
-                raise InputError(file, doc.line, id_field, f"duplicate id {doc.id!r} (first at {where})")
+            _raise_duplicate(p, text_field, id_field, {_hash(doc.id)}, count)
+        if seen.full:
+            _raise_duplicate(p, text_field, id_field, seen.flush(), count)
         yield doc
+    _raise_duplicate(p, text_field, id_field, seen.flush(), count)
 
 
-def _earlier(path: Path, text_field: str, id_field: str, doc_id: str, before: int) -> tuple[Path, int] | None:
-    """(file, line) of the first of the first `before` documents whose id is `doc_id`, if any."""
+def _raise_duplicate(path: Path, text_field: str, id_field: str, suspects: set[int], upto: int) -> None:
+    """Read the first `upto` documents again and raise on the first id among `suspects` hashes
+    that repeats; return if none does (the hashes collided)."""
+    if not suspects:
+        return
+    first: dict[str, tuple[Path, int]] = {}
     for index, (file, doc) in enumerate(_documents(path, text_field, id_field)):
-        if index >= before:
-            return None
-        if doc.id == doc_id:
-            return file, doc.line
-    return None
+        if index >= upto:
+            return
+        if _hash(doc.id) not in suspects:
+            continue
+        if doc.id in first:
+            at_file, at_line = first[doc.id]
+            where = at_line if at_file == file else f"{at_file}:{at_line}"
+            raise InputError(file, doc.line, id_field, f"duplicate id {doc.id!r} (first at {where})")
+        first[doc.id] = (file, doc.line)
 
 
 def validate_corpus(path: str | Path, *, text_field: str = "text", id_field: str = "id") -> int:
