@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +12,8 @@ import tiny
 from tracestar.api import build_index, open_index, refit
 from tracestar.corpus import read_queries
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.index.store import as_float32
 
 DIM = 4096
-
-
-def _all_vectors(idx) -> np.ndarray:
-    return np.concatenate([as_float32(a, idx.manifest["dtype"]) for _, a in idx.store.iter_shards()])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def test_search_equals_brute_force(world, built):
     idx = open_index(built)
     queries = read_queries(world["queries"])
     qv = idx.query_vectors(queries)
-    scores = qv @ _all_vectors(idx).T  # [Q, N]
+    scores = qv @ tiny.all_vectors(idx).T  # [Q, N]
     results = idx.query(queries, top_k=4)
     ids = idx.doc_ids
     for qi, r in enumerate(results):
@@ -54,7 +47,7 @@ def test_search_equals_brute_force(world, built):
         low = np.argsort(scores[qi], kind="stable")
         assert [p["doc_id"] for p in r["opponents"]] == [ids[j] for j in low[:4]]
     # unit-normalised cosines
-    np.testing.assert_allclose(np.linalg.norm(_all_vectors(idx), axis=1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(tiny.all_vectors(idx), axis=1), 1.0, atol=2e-3)
 
 
 def test_top_k_larger_than_corpus_returns_every_document(world, built):
@@ -109,7 +102,7 @@ def test_variants_follow_the_ladder(world, tmp_path):
         out = build_index(world["model"], world["corpus"], tmp_path / variant, optimizer_state=world["optimizer"],
                           proj_dim=1024, variant=variant, eval_queries=world["queries"], quiet=True)
         idx = open_index(out)
-        manifests[variant], vecs[variant] = idx.manifest, _all_vectors(idx)
+        manifests[variant], vecs[variant] = idx.manifest, tiny.all_vectors(idx)
     expect = {
         "dot": (False, False, "none"), "opt": (True, False, "none"), "opt-norm": (True, True, "none"),
         "train-r": (True, True, "train"), "trackstar": (True, True, "mixed"),
@@ -118,7 +111,7 @@ def test_variants_follow_the_ladder(world, tmp_path):
         m = manifests[variant]
         assert (m["variant"], m["optimizer_correction"], m["unit_norm"], m["preconditioner"]["kind"]) == (variant, corr, unit, pre)
         assert m["normalizer"]["kind"] == ("torch_adafactor" if corr else "none")
-    assert manifests["trackstar"]["preconditioner"]["lambda"] is not None
+    assert 0 < manifests["trackstar"]["preconditioner"]["lambda"] < 1  # λ = s_t / (s_t + s_e) of two positive eigenvalues
     # each rung changes the vectors
     names = list(expect)
     for a, b in zip(names, names[1:]):
@@ -135,16 +128,12 @@ def test_refit_equals_fresh_build(world, tmp_path):
     refitted = refit(base, tmp_path / "refit", eval_queries=world["queries"], lam=0.7, quiet=True)
     a, b = open_index(fresh), open_index(refitted)
     assert b.manifest["preconditioner"]["kind"] == "mixed" and b.manifest["preconditioner"]["lambda"] == 0.7
-    np.testing.assert_allclose(_all_vectors(a), _all_vectors(b), atol=1e-5)
+    np.testing.assert_allclose(tiny.all_vectors(a), tiny.all_vectors(b), atol=1e-5)
     qs = read_queries(world["queries"])
     np.testing.assert_allclose(a.query_vectors(qs), b.query_vectors(qs), atol=1e-5)
 
 
 # --- bad input through the CLI -----------------------------------------------------------------
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tracestar", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(
@@ -161,7 +150,7 @@ def test_bad_corpus_is_one_line_error_and_leaves_nothing(world, tmp_path, lines,
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "index"
-    proc = _cli("index", "--model", str(world["model"]), "--corpus", str(corpus), "--out", str(out), "--quiet")
+    proc = tiny.cli("index", "--model", str(world["model"]), "--corpus", str(corpus), "--out", str(out), "--quiet")
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1, proc.stderr
@@ -179,7 +168,7 @@ def test_query_without_target_is_refused(world, built, tmp_path):
         ["query", "--index", str(built), "--queries", str(q), "--out", str(tmp_path / "r.jsonl")],
         ["index", "--model", str(world["model"]), "--corpus", str(world["corpus"]), "--out", str(tmp_path / "i"), "--eval-queries", str(q)],
     ):
-        proc = _cli(*args)
+        proc = tiny.cli(*args)
         assert proc.returncode != 0
         assert proc.stderr.strip().count("\n") == 0 and f"{q}:2: field 'target': missing" in proc.stderr
     assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "i").exists()
@@ -187,10 +176,10 @@ def test_query_without_target_is_refused(world, built, tmp_path):
 
 def test_cli_index_and_query(world, tmp_path):
     out, res = tmp_path / "index", tmp_path / "results.jsonl"
-    proc = _cli("index", "--model", str(world["model"]), "--corpus", str(world["corpus"]), "--out", str(out),
+    proc = tiny.cli("index", "--model", str(world["model"]), "--corpus", str(world["corpus"]), "--out", str(out),
                 "--optimizer-state", str(world["optimizer"]), "--proj-dim", "1024", "--blocks", "module", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    proc = _cli("query", "--index", str(out), "--queries", str(world["queries"]), "--out", str(res), "--top-k", "2")
+    proc = tiny.cli("query", "--index", str(out), "--queries", str(world["queries"]), "--out", str(res), "--top-k", "2")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     assert [r["query_id"] for r in rows] == [f"q{i}" for i in range(len(tiny.FACTS))]
@@ -205,7 +194,7 @@ def test_bf16_autocast_is_recorded_and_close_to_fp32(world, tmp_path):
     fp32 = open_index(build_index(world["model"], world["corpus"], tmp_path / "fp32", **kw))
     bf16 = open_index(build_index(world["model"], world["corpus"], tmp_path / "bf16", autocast="bfloat16", **kw))
     assert bf16.manifest["autocast"] == "bfloat16" and fp32.manifest["autocast"] is None
-    a, b = _all_vectors(fp32), _all_vectors(bf16)
+    a, b = tiny.all_vectors(fp32), tiny.all_vectors(bf16)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.97 and not np.array_equal(a, b)  # bf16 really ran, and stayed close
     results = bf16.query(read_queries(world["queries"]), top_k=1)
@@ -220,7 +209,7 @@ def test_llama_style_model_directory_builds_and_queries(world, tmp_path):
     assert idx.manifest["normalizer"]["kind"] == "estimated"  # no optimizer state given
     assert "lm_head.weight" in idx.manifest["model"]["tracked"] and idx.manifest["model"]["coverage"] > 0.9
     queries = read_queries(world["queries"])
-    scores = idx.query_vectors(queries) @ _all_vectors(idx).T
+    scores = idx.query_vectors(queries) @ tiny.all_vectors(idx).T
     results = idx.query(queries, top_k=3)
     for qi, r in enumerate(results):
         assert [p["doc_id"] for p in r["proponents"]] == [idx.doc_ids[j] for j in np.argsort(-scores[qi], kind="stable")[:3]]
