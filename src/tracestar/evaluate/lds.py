@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -46,6 +45,7 @@ import numpy as np
 
 from tracestar.corpus import Query, read_queries
 from tracestar.errors import OptionError, UserError, check_float, check_int
+from tracestar.files import write_text
 
 #: The model LDS retrains M times: the trainer's GPT-2 at d_model 128 with a 2,048-token vocabulary.
 #: On the `small` world (653 documents) a full run takes ~14 s on one thread and reaches ~73%
@@ -148,9 +148,8 @@ def _sha(obj: Any) -> str:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Compact JSON (run records hold long float lists) through the one atomic writer."""
+    write_text(path, json.dumps(obj) + "\n")
 
 
 def _cached_run(path: Path, key: str, n_queries: int) -> np.ndarray | None:
