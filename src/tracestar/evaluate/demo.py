@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tracestar.errors import UserError
 from tracestar.files import sha256_file, write_json
@@ -187,8 +188,8 @@ def _index_step(index_dir: Path, model_dir: Path, paths, proj_dim: int, quiet: b
 
     manifest_path = index_dir / MANIFEST
     before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
-    kw = dict(eval_queries=str(paths.queries), preconditioner="mixed", optimizer_state=str(model_dir / "optimizer.pt"),
-              proj_dim=proj_dim, max_length=_model_window(model_dir), quiet=quiet)
+    kw = {"eval_queries": str(paths.queries), "preconditioner": "mixed", "optimizer_state": str(model_dir / "optimizer.pt"),
+          "proj_dim": proj_dim, "max_length": _model_window(model_dir), "quiet": quiet}
     if before is None:
         announce(f"TrackStar vectors (dim {proj_dim:,}, Adafactor correction, mixed R) ...")
     try:
