@@ -66,7 +66,9 @@ def test_rerun_with_other_arguments_is_refused(world, big_corpus, tmp_path):
     assert proc.returncode != 0 and "different arguments" in proc.stderr and proc.stderr.count("\n") == 1
     proc = subprocess.run([sys.executable, *_index_cmd(world, big_corpus, out, "--overwrite")], env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "manifest.json").exists()
+    # --overwrite replaced the planted build: this run's options, every document indexed
+    assert json.loads((out / "build.json").read_text())["seed"] == 0
+    assert json.loads((out / "manifest.json").read_text())["n_docs"] == 120
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
