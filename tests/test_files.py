@@ -87,3 +87,22 @@ def test_a_build_that_hits_a_full_disk_leaves_nothing_behind(world, tmp_path, mo
                     shard_docs=4, quiet=True)
     assert exc.value.errno == errno.ENOSPC
     assert not (tmp_path / "new").exists()  # no build.json, no V, no temporary shard
+
+
+def test_safetensors_with_several_metadata_keys_are_the_same_bytes_on_every_write(tmp_path):
+    # safetensors orders a metadata map by hash: with two or more keys, unfolded, about half of
+    # these writes would differ from the first.
+    import torch
+    from safetensors import safe_open
+
+    tensors = {"b.row": torch.arange(6, dtype=torch.float32), "a.col": torch.ones(3, 2)}
+    meta = {"kind": "adafactor", "source": "ckpt/optimizer.pt", "extra": "x", "more": "y"}
+    digests = set()
+    for i in range(12):
+        path = tmp_path / f"n{i}.safetensors"
+        files.write_safetensors(path, tensors, metadata=meta)
+        digests.add(files.sha256_file(path))
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "n0.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["tracestar"]) == meta
+        assert torch.equal(fh.get_tensor("b.row"), tensors["b.row"])

@@ -105,11 +105,17 @@ def write_npy(path: str | Path, array: np.ndarray) -> str:
 
 
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """`tensors` ({name: torch.Tensor}) as one safetensors file."""
+    """`tensors` ({name: torch.Tensor}) as one safetensors file, the same bytes on every write.
+
+    safetensors writes its metadata map in hash order, so a map of two or more keys gives
+    different bytes from one write to the next (and a checksum that no rerun reproduces). The
+    metadata is therefore stored as one key, `tracestar`, holding the map as sorted JSON.
+    """
     from safetensors.torch import save_file
 
+    folded = {"tracestar": json.dumps(metadata, sort_keys=True)} if metadata else None
     with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=folded)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
