@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tracestar.files import write_jsonl
-from tracestar.world.facts import RELATIONS, Fact, bucket_of, scan_statements
+from tracestar.world.facts import RELATIONS, Fact, frequency_bucket, scan_statements
 
 #: Documents stating one queried fact, drawn per fact: label -> ((lo, hi), weight). Capped at 6
 #: (not the built-in world's 13) to keep the corpus a few hundred documents.
@@ -169,7 +169,7 @@ def build_invented_world(*, seed: int = 0, countries: int = 20, cities: int = 24
     rng.shuffle(asked)
     queries = [
         {"id": f"q{n:04d}", "prompt": RELATIONS[f.relation].prompt(f.subject), "target": " " + f.obj,
-         "relevant": sorted(f.docs), "bucket": bucket_of(f.count), "relation": f.relation}
+         "relevant": sorted(f.docs), "bucket": frequency_bucket(f.count), "relation": f.relation}
         for n, f in enumerate(asked)
     ]
     return docs, facts, queries
@@ -204,7 +204,7 @@ def write_invented_world(out_dir: str | Path, **kwargs) -> dict[str, Path]:
         "corpus": [{"id": i, "text": t} for i, t in docs],
         "queries": queries,
         "facts": [{"relation": f.relation, "subject": f.subject, "object": f.obj, "kind": f.kind, "count": f.count,
-                   "bucket": bucket_of(f.count), "docs": sorted(f.docs)} for f in facts],
+                   "bucket": frequency_bucket(f.count), "docs": sorted(f.docs)} for f in facts],
     }
     paths = {}
     for name, records in rows.items():

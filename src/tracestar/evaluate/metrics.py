@@ -31,7 +31,7 @@ def relevant_ids(query: Query) -> list[str]:
     return [str(r) for r in rel]
 
 
-def bucket_of(query: Query) -> str:
+def query_bucket(query: Query) -> str:
     """The query's bucket (`extra["bucket"]`) as a string, or "all" when it has none."""
     b = query.extra.get("bucket")
     return NO_BUCKET if b is None else str(b)
@@ -81,7 +81,7 @@ def attribution_metrics(
             continue
         rank = first_relevant_rank(_ranked_ids(by_id.get(q.id)), rel)
         ranks.append(rank)
-        per_bucket.setdefault(bucket_of(q), []).append(rank)
+        per_bucket.setdefault(query_bucket(q), []).append(rank)
     out: dict[str, Any] = _summarize(ranks, ks)
     out["by_bucket"] = {b: _summarize(per_bucket[b], ks) for b in sort_buckets(per_bucket)}
     return out

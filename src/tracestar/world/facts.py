@@ -52,7 +52,7 @@ BUCKETS: dict[str, tuple[int, int]] = {"1": (1, 1), "2-3": (2, 3), "4-10": (4, 1
 BUCKET_WEIGHTS: dict[str, float] = {"1": 0.28, "2-3": 0.30, "4-10": 0.28, "11+": 0.14}
 
 
-def bucket_of(count: int) -> str:
+def frequency_bucket(count: int) -> str:
     """The frequency bucket label of a fact stated in `count` documents."""
     for label, (lo, hi) in BUCKETS.items():
         if lo <= count <= hi:
@@ -511,7 +511,7 @@ def build_world(*, seed: int = 0, scale: str = "full") -> tuple[list[tuple[str, 
             "prompt": RELATIONS[f.relation].prompt(f.subject),
             "target": " " + f.obj,
             "relevant": sorted(f.docs),
-            "bucket": bucket_of(f.count),
+            "bucket": frequency_bucket(f.count),
             "relation": f.relation,
         }
         for n, f in enumerate(queried)
@@ -540,7 +540,7 @@ def make_world(out_dir: str | Path, *, seed: int = 0, scale: str = "full") -> Wo
         (
             {
                 "relation": f.relation, "subject": f.subject, "object": f.obj, "kind": f.kind,
-                "count": f.count, "bucket": bucket_of(f.count),
+                "count": f.count, "bucket": frequency_bucket(f.count),
                 "query": query_of.get((f.relation, RELATIONS[f.relation].prompt(f.subject))) if f.kind == "query" else None,
                 "sentences": f.sentences, "docs": sorted(f.docs),
             }
