@@ -266,7 +266,10 @@ def test_evaluate_writes_report(fake_api, model_dir):
     report = (out / "report.md").read_text()
     assert "| tracestar |" in report and "| BM25 |" in report and "| fact-stating documents |" in report
     assert "| bm25 |" not in report and "lr = 0.02" in report
-    assert (out / "rankings" / "bm25.jsonl").exists()
+    for method in ("tracestar", "bm25"):  # the saved rankings are the lists the figures were computed from
+        ranked = [json.loads(line) for line in (out / "rankings" / f"{method}.jsonl").read_text().splitlines()]
+        assert [r["query_id"] for r in ranked] == [q.id for q in QUERIES]
+        assert attribution_metrics(QUERIES, ranked, ks=(1, 3, 5, 10))["mrr"] == pytest.approx(saved[method]["mrr"])
     # the model's accuracy, measured on the index's model, is saved and stated; "model" is no method
     from tracestar.evaluate.run import ACCURACY_THRESHOLD, methods_of
     from tracestar.world.train import first_token_accuracy
