@@ -245,7 +245,7 @@ def _decode_line(path: Path, lineno: int, data: bytes) -> str:
 def _json_problem(exc: json.JSONDecodeError) -> str:
     """The decoder's message with its column: some messages already end in "at" (e.g.
     "Unterminated string starting at"), so the column is appended without a second "at"."""
-    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    msg = exc.msg.removesuffix(" at")
     return f"{msg} at column {exc.colno}"
 
 
