@@ -89,12 +89,6 @@ def factored_scales(r: torch.Tensor, c: torch.Tensor, eps: float = EPS) -> Scale
     return Scales(row.float(), col.float())
 
 
-def factored_v(r: torch.Tensor, c: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """The dense V [a, b] that `factored_scales` corrects for (used by tests and nowhere else)."""
-    s = factored_scales(r, c, eps)
-    return 1.0 / (s.row.double()[:, None] * s.col.double()[None, :]) ** 2
-
-
 def identity(tracked: list[Tracked]) -> Normalizer:
     scales = {t.name: Scales(torch.ones(t.shape[0]), torch.ones(t.shape[1])) for t in tracked}
     return Normalizer(kind="none", source=None, scales=scales)
