@@ -24,6 +24,7 @@ from tracestar.batching import (
 from tracestar.capture import FactoredCapture
 from tracestar.model import Tracked, coverage, tracked_matrices
 from tracestar.normalizer import EPS, Normalizer, from_optimizer_state, identity
+from tracestar.optim_state import read as read_optimizer_state
 from tracestar.projection import Block, gaussian, make_layout
 
 TEXTS = [
@@ -197,6 +198,11 @@ def test_scales_are_the_optimizers_own_correction(tmp_path, arch, kind):
     seen = _optimizer_reference(model, kind, tmp_path / "opt.pt")
     norm = from_optimizer_state(tmp_path / "opt.pt", model, tracked)
     assert norm.kind == kind
+    if kind == "adam":  # Adam's full V: the bias-corrected exp_avg_sq, element by element
+        state = read_optimizer_state(tmp_path / "opt.pt", model)
+        for t in tracked:
+            v = state.second_moment(t.name).full
+            assert torch.allclose(v, seen[t.name].pow(-2), rtol=1e-9, atol=0), t.name
     for t in tracked:
         want = _expected_inv_sqrt_v(kind, seen[t.name])
         s = norm.scales[t.name]
