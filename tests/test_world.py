@@ -101,7 +101,7 @@ def test_smoke_training_saves_loadable_model(small_world, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert log["first_token_accuracy"] < 0.05  # one epoch of a 32-wide model: no fact learned yet (measured: 0 of 150)
-    assert tokenizer.eos_token is not None and tokenizer.pad_token is not None
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert (out / "model.safetensors").exists()
