@@ -313,3 +313,21 @@ def test_reading_a_compressed_corpus_keeps_memory_flat(tmp_path):
     assert text_bytes > 50_000 * 150  # the text alone is 7.5 MB or more
     assert (large - small) / 45_000 < 12, (small, large)
     assert large < 2 * 2**20, large  # measured 1.27 MB
+
+
+def test_texts_by_id_finds_the_wanted_texts_and_names_the_file_for_a_missing_id(tmp_path):
+    from tracestar.corpus import indexed_texts, texts_by_id, write_jsonl
+    from tracestar.errors import UserError
+
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"id": f"d{i}", "text": f"text {i}"} for i in range(5)])
+    assert texts_by_id(path, ["d3", "d1"]) == {"d3": "text 3", "d1": "text 1"}
+    assert texts_by_id(path, []) == {}
+    with pytest.raises(UserError, match=r"c\.jsonl: 1 document id\(s\) not in the corpus, e\.g\. \['d9'\]"):
+        texts_by_id(path, ["d0", "d9"])
+    # an index moved together with its corpus: the relative path is found beside the index
+    spec = {"path": "c.jsonl", "text_field": "text", "id_field": "id"}
+    assert indexed_texts(spec, tmp_path, ["d4"]) == {"d4": "text 4"}
+    with pytest.raises(UserError, match="the index's corpus is missing"):
+        indexed_texts({"path": "gone.jsonl"}, tmp_path, ["d4"])
+    assert texts_by_id(path, ["d0", "d9"], allow_missing=True) == {"d0": "text 0"}

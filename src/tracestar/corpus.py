@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -463,3 +463,41 @@ def read_queries(path: str | Path) -> list[Query]:
     if not queries:
         raise InputError(p, None, None, "no queries")
     return queries
+
+
+def texts_by_id(path: str | Path, ids: Iterable[str], *, text_field: str = "text", id_field: str = "id",
+                allow_missing: bool = False) -> dict[str, str]:
+    """doc_id -> text for the wanted ids: one streaming pass that stops once all are found.
+
+    The one lookup of document texts (evaluation, explain, the report and the web app use it). An
+    id that the file does not hold means the corpus changed since it was indexed: that is an
+    error naming the file and the first missing ids, never a silently shorter answer, unless the
+    caller reports each document on its own (`allow_missing`, as `explain_pairs` does).
+    """
+    wanted = {str(i) for i in ids}
+    found: dict[str, str] = {}
+    if wanted:
+        for doc in iter_documents(path, text_field=text_field, id_field=id_field):
+            if doc.id in wanted:
+                found[doc.id] = doc.text
+                if len(found) == len(wanted):
+                    break
+    missing = wanted - found.keys()
+    if missing and not allow_missing:
+        raise UserError(f"{path}: {len(missing)} document id(s) not in the corpus, e.g. {sorted(missing)[:3]}")
+    return found
+
+
+def indexed_texts(spec: dict, index_dir: str | Path, ids: Iterable[str], *, allow_missing: bool = False) -> dict[str, str]:
+    """`texts_by_id` on the corpus an index's manifest names (`spec` = manifest["corpus"]).
+
+    A relative corpus path is also tried beside the index, so an index moved with its corpus
+    still finds it.
+    """
+    path = Path(spec["path"])
+    if not path.exists() and (Path(index_dir) / path).exists():
+        path = Path(index_dir) / path
+    if not path.exists():
+        raise UserError(f"{path}: the index's corpus is missing (document texts are read from it)")
+    kw = {k: spec[k] for k in ("text_field", "id_field") if spec.get(k)}
+    return texts_by_id(path, ids, allow_missing=allow_missing, **kw)

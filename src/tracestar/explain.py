@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from tracestar.batching import collate, encode_document
-from tracestar.corpus import Query, iter_documents
+from tracestar.corpus import Query, indexed_texts
 from tracestar.errors import UserError
 from tracestar.index.store import as_float32
 
@@ -79,16 +79,9 @@ class TokenAttribution:
 
 
 def document_texts(index, doc_ids) -> dict[str, str]:
-    """Texts of the given documents, read from the corpus recorded in the manifest (one pass)."""
-    wanted = set(doc_ids)
-    corpus = index.manifest["corpus"]
-    found = {}
-    for doc in iter_documents(corpus["path"], text_field=corpus["text_field"], id_field=corpus["id_field"]):
-        if doc.id in wanted:
-            found[doc.id] = doc.text
-            if len(found) == len(wanted):
-                break
-    return found
+    """Texts of the given documents, read from the corpus recorded in the manifest (one pass); an id
+    the corpus lacks is left out, for `explain_pairs` to report with its document."""
+    return indexed_texts(index.manifest["corpus"], index.path, doc_ids, allow_missing=True)
 
 
 def stored_vector(index, doc_id: str) -> np.ndarray:

@@ -222,7 +222,8 @@ def evaluate(
     patcher = doc_texts = None
     tp_methods = None
     if tail_patch:
-        from tracestar.evaluate.tailpatch import TailPatcher, load_doc_texts
+        from tracestar.corpus import texts_by_id
+        from tracestar.evaluate.tailpatch import TailPatcher
 
         if not corpus_path:
             raise ValueError(f"{index_dir}: manifest names no corpus; tail-patch needs the document text")
@@ -231,7 +232,7 @@ def evaluate(
         tp_ids = {q.id for q in sample_queries(queries, max_queries)}
         need = {str(p["doc_id"]) for m in tp_methods for r in method_results[m] if str(r["query_id"]) in tp_ids
                 for p in r["proponents"][:top_k]}
-        doc_texts = load_doc_texts(corpus_path, need, text_field=text_field, id_field=id_field)
+        doc_texts = texts_by_id(corpus_path, need, text_field=text_field, id_field=id_field)
         _log(f"tracestar: tail-patch over {len(tp_ids)} queries, {len(need)} documents "
              f"({patcher.optimizer_kind}, lr={patcher.lr:g}) ...", quiet)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from tracestar.batching import Example, collate, encode_document, encode_query, forward_loss, pad_id
-from tracestar.corpus import Query, iter_documents
+from tracestar.corpus import Query
 from tracestar.errors import UserError
 from tracestar.optim_state import OptimizerState, find_in_dir, from_state_dict
 from tracestar.optim_state import read as read_optimizer_state
@@ -271,19 +271,6 @@ def relevant_results(queries: Sequence[Query], top_k: int = 10) -> list[dict[str
 
     return [{"query_id": q.id, "proponents": [{"doc_id": d, "score": 0.0} for d in relevant_ids(q)[:top_k]],
              "opponents": []} for q in queries]
-
-
-def load_doc_texts(corpus_path: str | Path, doc_ids: set[str], *, text_field: str = "text",
-                   id_field: str = "id") -> dict[str, str]:
-    """Texts of just the wanted documents (one streaming pass over the corpus)."""
-    out: dict[str, str] = {}
-    for doc in iter_documents(corpus_path, text_field=text_field, id_field=id_field):
-        if doc.id in doc_ids:
-            out[doc.id] = doc.text
-    missing = doc_ids - out.keys()
-    if missing:
-        raise UserError(f"{corpus_path}: {len(missing)} document id(s) not in the corpus, e.g. {sorted(missing)[:3]}")
-    return out
 
 
 def tail_patch(

@@ -183,15 +183,11 @@ def _read_results(path: Path) -> list[dict]:
 
 
 def _load_docs(index_dir: Path, wanted: set[str]) -> dict[str, str]:
-    from tracestar.corpus import iter_documents
+    from tracestar.corpus import indexed_texts
     from tracestar.index.store import read_manifest
 
     spec = read_manifest(index_dir)["corpus"]  # a missing or unfinished index: one line, not a traceback
-    path = Path(spec["path"])
-    if not path.exists() and (index_dir / path).exists():
-        path = index_dir / path
-    kw = {k: spec[k] for k in ("text_field", "id_field") if spec.get(k)}
-    return {d.id: d.text for d in iter_documents(path, **kw) if d.id in wanted}
+    return indexed_texts(spec, index_dir, wanted)
 
 
 def _explain_all(

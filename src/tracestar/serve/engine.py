@@ -277,14 +277,6 @@ class Engine:
 
 def corpus_texts(index) -> dict[str, str]:
     """doc_id -> text of every indexed document, from the corpus the manifest names (read once)."""
-    from tracestar.corpus import iter_documents
+    from tracestar.corpus import indexed_texts
 
-    spec = index.manifest["corpus"]
-    path = Path(spec["path"])
-    if not path.exists() and (index.path / path).exists():
-        path = index.path / path
-    if not path.exists():
-        raise UserError(f"{path}: the index's corpus is missing (the app shows document texts from it)")
-    wanted = set(index.doc_ids)
-    kw = {k: spec[k] for k in ("text_field", "id_field") if spec.get(k)}
-    return {d.id: d.text for d in iter_documents(path, **kw) if d.id in wanted}
+    return indexed_texts(index.manifest["corpus"], index.path, index.doc_ids)
