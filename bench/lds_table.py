@@ -174,14 +174,25 @@ def tail_patch_rows(data: LdsData, results: dict[str, list[dict]], n_queries: in
     return tail_patch(patcher, sample, sub, texts, ks=(1, 10), progress=True)
 
 
-def format_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| section | row | λ | LDS [95% CI] | MRR | R@10 | tail-patch Δlog p @1 | @10 |", "|---|---|---|---|---|---|---|---|"]
+def format_table(table: list[dict[str, Any]], reference: str = "trackstar") -> str:
+    """Markdown, one line per row; ΔLDS is paired (same queries, same runs) against the `reference`
+    row, with a bootstrap CI over queries: rows differ by less than their own CIs suggest."""
+    from tracestar.evaluate.lds import bootstrap_ci
+
+    ref = next((np.array(r["per_query"]) for r in table if r["row"] == reference), None)
+    lines = [f"| section | row | λ | LDS [95% CI] | ΔLDS vs {reference} [95% CI] | MRR | R@10 | Δlog p @1 | Δlog p @10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lam = f"{r['lambda']:.3f}" if r.get("lambda") is not None else ""
         tp = r.get("tailpatch") or {}
         t1 = f"{tp['1']['delta_logprob']:+.3f}" if "1" in tp else ""
         t10 = f"{tp['10']['delta_logprob']:+.3f}" if "10" in tp else ""
-        lines.append(f"| {r['section']} | {r['row']} | {lam} | {r['lds']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+        diff = ""
+        if ref is not None and r["row"] != reference:
+            d = np.array(r["per_query"]) - ref
+            lo, hi = bootstrap_ci(d)
+            diff = f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        lines.append(f"| {r['section']} | {r['row']} | {lam} | {r['lds']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {diff} | "
                      f"{r['mrr']:.3f} | {r['recall@10']:.3f} | {t1} | {t10} |")
     return "\n".join(lines)
 
@@ -197,7 +208,13 @@ def main() -> None:
     ap.add_argument("--sections", help="comma-separated sections to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bergson", metavar="PYTHON", help="a Python with bergson installed: adds bergson's trackstar at ~2^12")
+    ap.add_argument("--render", action="store_true", help="print OUT/table.json as Markdown and stop")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads((Path(args.out) / "table.json").read_text())
+        print(format_table(saved["rows"]))
+        print(json.dumps(saved["settings"]))
+        return
     global BERGSON_PYTHON
     BERGSON_PYTHON = args.bergson
     out = Path(args.out)
