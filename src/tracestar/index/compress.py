@@ -12,7 +12,9 @@ Two forms, listed in the manifest under `"compressed"` (their readers: `index/in
 - **pq**: FAISS product quantization trained on the index's own vectors, inner-product metric
   (the vectors are unit-normalised): `IndexPQ`, or `IndexIVFPQ` for large corpora.
   `compressed/pq.faiss`; FAISS ids are the index rows. The k-means runs here in torch, all
-  sub-spaces batched, and the trained codebooks are handed to FAISS.
+  sub-spaces batched, and the trained codebooks are handed to FAISS. Its parameters come from
+  the dimension and the row count (`pq_params`), so that training, memory and query time stay
+  bounded as both grow: see that function for the rule.
 
 `compress(..., drop_exact=True)` then deletes the `vectors/` shards; searches become approximate.
 """
@@ -41,6 +43,11 @@ from tracestar.index.writer import (
 )
 
 IVF_MIN_ROWS = 50_000  # above this many rows PQ uses an inverted file (IVF-PQ)
+PQ_MIN_DSUB = 4  # dims per sub-vector at least: 8-bit codes then take ≤ 1/8 of the fp16 bytes
+PQ_MAX_M = 1024  # sub-quantizers at most: the scan reads m code bytes per row, whatever the dimension
+TRAIN_PER_CENTROID = 40  # k-means training points per centroid (FAISS asks for ≥ 39)
+TRAIN_SAMPLE_BYTES = 2 << 30  # the float32 training sample is at most 2 GiB (8,192 rows at 2^16 dims)
+IVF_PROBE_SHARE = 16  # an IVF query probes 1/16 of the lists
 FORMS = COMPRESSED_FORMS
 _SAMPLE_BATCH = 4096  # rows gathered at a time for the PQ training sample
 
@@ -116,11 +123,39 @@ def _compress_int8(store: IndexStore, *, verify: bool, block_rows: int = 4096) -
 
 
 def default_pq_m(dim: int, nbits: int = 8) -> int:
-    """Sub-quantizers for 4 dims per sub-vector: with 8 bits, codes take 1/8 of the fp16 bytes."""
-    m = max(1, dim // 4)
+    """Sub-quantizers: dim / 4 (with 8 bits, 1/8 of the fp16 bytes), at most PQ_MAX_M, dividing dim.
+
+    Past 4·PQ_MAX_M dims the sub-vectors grow instead (2^16 dims: 1,024 sub-quantizers of 64 dims),
+    so a query's scan costs m lookups per row and its distance table m × 2^nbits floats, bounded
+    whatever the dimension; the exact re-rank of the candidates restores the scores' precision.
+    """
+    m = max(1, min(PQ_MAX_M, dim // PQ_MIN_DSUB))
     while dim % m:
         m -= 1
     return m
+
+
+def pq_params(dim: int, n_rows: int, nbits: int = 8) -> dict:
+    """PQ's parameters for an index of `n_rows` rows of `dim` dims: {m, nbits, nlist, nprobe, train_rows}.
+
+    - m: `default_pq_m`.
+    - nlist (IVF lists): 0 (plain PQ) up to IVF_MIN_ROWS rows; above, the power of two nearest √rows
+      (1M rows: 1,024), at most train_rows / TRAIN_PER_CENTROID so every coarse centroid has its
+      points. nprobe = nlist / IVF_PROBE_SHARE: a query scans ~1/16 of the rows' codes.
+    - train_rows: a seeded sample of TRAIN_PER_CENTROID points per centroid (2^nbits for the
+      sub-quantizers, nlist for the coarse one), capped at TRAIN_SAMPLE_BYTES of float32. Training
+      then costs O(train_rows · 2^nbits · dim) per k-means iteration: linear in dim, not in rows.
+    """
+    ksub = 1 << int(nbits)
+    cap = max(ksub, TRAIN_SAMPLE_BYTES // (4 * dim))
+    nlist = 0
+    if n_rows > IVF_MIN_ROWS:
+        nlist = 1 << int(round(np.log2(np.sqrt(n_rows))))
+        while nlist > 1 and TRAIN_PER_CENTROID * nlist > min(cap, n_rows):
+            nlist //= 2
+    train_rows = min(n_rows, cap, TRAIN_PER_CENTROID * max(ksub, nlist))
+    nprobe = max(1, nlist // IVF_PROBE_SHARE) if nlist else None
+    return {"m": default_pq_m(dim, nbits), "nbits": int(nbits), "nlist": nlist, "nprobe": nprobe, "train_rows": int(train_rows)}
 
 
 def _sample_rows(store: IndexStore, n: int, seed: int, verify: bool) -> np.ndarray:
@@ -164,7 +199,7 @@ def train_pq_codebooks(
     return cent.numpy()
 
 
-def _trained_pq(faiss, train: np.ndarray, m: int, nbits: int, nlist: int, *, niter: int, seed: int):
+def _trained_pq(faiss, train: np.ndarray, m: int, nbits: int, nlist: int, nprobe: int | None, *, niter: int, seed: int):
     """(an empty FAISS PQ index with codebooks trained on `train` [n, D], its nprobe or None).
 
     k-means in torch, all sub-spaces batched (FAISS trains sub-quantizers one by one, which took
@@ -179,7 +214,7 @@ def _trained_pq(faiss, train: np.ndarray, m: int, nbits: int, nlist: int, *, nit
         quantizer.add(np.ascontiguousarray(coarse))
         index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
         index.by_residual = False  # codebooks are trained on the vectors themselves
-        nprobe = max(1, min(nlist, nlist // 8))
+        nprobe = min(nlist, nprobe or max(1, nlist // IVF_PROBE_SHARE))
         index.nprobe = nprobe
         # faiss's Python constructor keeps a reference to `quantizer`, so it lives as long as `index`
     else:
@@ -204,15 +239,17 @@ def _compress_pq(
     """Train, fill and write `compressed/pq.faiss`; returns its manifest entry."""
     faiss = faiss_module()
     d = store.dim
-    m = m or default_pq_m(d, nbits)
+    auto = pq_params(d, store.n_rows, nbits)
+    m = m or auto["m"]
     if d % m:
         raise UserError(f"--m {m} must divide the index dimension {d}")
-    if nlist is None:
-        nlist = int(4 * np.sqrt(store.n_rows)) if store.n_rows > IVF_MIN_ROWS else 0
-    # FAISS wants ≥ 39 points per centroid; cap the training sample for time.
-    train_rows = train_rows or min(store.n_rows, max(16 * (1 << nbits), 40 * max(nlist, 1)))
+    nprobe = auto["nprobe"] if nlist is None else None
+    nlist = auto["nlist"] if nlist is None else nlist
+    train_rows = train_rows or auto["train_rows"]
+    t0 = time.perf_counter()
     train = _sample_rows(store, train_rows, seed, verify)
-    index, nprobe = _trained_pq(faiss, train, m, nbits, nlist, niter=niter, seed=seed)
+    index, nprobe = _trained_pq(faiss, train, m, nbits, nlist, nprobe, niter=niter, seed=seed)
+    train_s = time.perf_counter() - t0
     del train
     stored = store.stored_dtype(VECTORS)
     for shard_no, _info in enumerate(store.shards):
@@ -231,7 +268,8 @@ def _compress_pq(
         "nbits": nbits,
         "nlist": nlist or None,
         "nprobe": nprobe,
-        "train_rows": int(train_rows),
+        "train_rows": int(min(train_rows, store.n_rows)),
+        "train_seconds": round(train_s, 3),
         "niter": niter,
         "seed": seed,
         "bytes_per_doc": code_bytes + (8 if nlist else 0),  # IVF lists also store an int64 id
