@@ -25,6 +25,13 @@ class Example:
     ids: list[int]
     loss_from: int
     truncated: bool = False
+    chunk: int | None = None  # a window of a longer document (`encode_chunks`): its number
+    start: int = 0  # the document position of ids[0] (non-zero for a window)
+
+    @property
+    def end(self) -> int:
+        """The document position just past ids[-1]."""
+        return self.start + len(self.ids)
 
 
 @dataclass
@@ -56,14 +63,56 @@ def _context_token(tokenizer) -> int:
     return 0
 
 
-def encode_document(tokenizer, text: str, row: int, max_length: int) -> Example:
-    """Document tokens (with the tokenizer's own specials, plus eos as the trainer appends it)."""
+def document_ids(tokenizer, text: str) -> list[int]:
+    """A document's full token ids: the tokenizer's own specials, plus eos as the trainer appends it."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def encode_document(tokenizer, text: str, row: int, max_length: int) -> Example:
+    """A document as one example, cut after `max_length` tokens (`truncated` says so)."""
+    ids = document_ids(tokenizer, text)
     truncated = len(ids) > max_length
-    ids = ids[:max_length]
-    return Example(row=row, ids=ids, loss_from=1, truncated=truncated)
+    return Example(row=row, ids=ids[:max_length], loss_from=1, truncated=truncated)
+
+
+def chunk_spans(n_tokens: int, chunk_tokens: int, stride: int) -> list[tuple[int, int]]:
+    """[(start, end)] token windows of a document of `n_tokens`: at most `chunk_tokens` long, one
+    every `stride` tokens from 0, the last ending at the document's end, so together they cover it.
+
+    Each window is read on its own: its first token is context, every later one is predicted. So
+    with `stride == chunk_tokens` (no overlap) the first token of each window after the first is
+    predicted by no window; an overlap (`stride < chunk_tokens`) predicts it with context. A last
+    window of one token would predict nothing, so it starts one token earlier. A document of at
+    most `chunk_tokens` tokens is one window, the whole document.
+    """
+    if n_tokens <= chunk_tokens:
+        return [(0, n_tokens)]
+    spans = []
+    start = 0
+    while True:
+        end = min(start + chunk_tokens, n_tokens)
+        spans.append((start, end))
+        if end == n_tokens:
+            break
+        start += stride
+    if end - spans[-1][0] < 2:
+        spans[-1] = (end - 2, end)
+    return spans
+
+
+def encode_chunks(tokenizer, text: str, first_row: int, chunk_tokens: int, stride: int) -> list[Example]:
+    """A document as one example per window (`chunk_spans`), rows `first_row`, `first_row + 1`, …
+
+    The document is tokenized once and its token ids are cut, so a window is exactly the tokens
+    the model would read from the whole document (a decoded and re-tokenized piece of text need not
+    be). Nothing is truncated.
+    """
+    ids = document_ids(tokenizer, text)
+    return [Example(row=first_row + c, ids=ids[s:e], loss_from=1, chunk=c, start=s)
+            for c, (s, e) in enumerate(chunk_spans(len(ids), chunk_tokens, stride))]
 
 
 class UnusableTarget(UserError):

@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tracestar import __version__, dist, files
-from tracestar.batching import encode_document
+import numpy as np
+
+from tracestar.batching import Example, encode_chunks, encode_document
 from tracestar.capture import FactoredCapture
 from tracestar.corpus import (
     Document,
@@ -58,6 +60,9 @@ def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, opti
         queries = read_queries(opts.eval_queries) if opts.eval_queries else None
         tracer = Tracer(model_dir, opts.device)
         opts, requested = clamp_to_window(opts, tracer.window)
+        if opts.chunk_tokens is not None and opts.chunk_tokens > opts.max_length:
+            raise OptionError("--chunk-tokens", f"must be at most the model's window of {opts.max_length} positions, "
+                                                f"got {opts.chunk_tokens}")
         blocks = _layout(tracer, opts)
     with timer.phase("V"):
         stated = _stated_v(tracer, opts)  # --optimizer-state is read, mapped and shape-checked before anything is written
@@ -82,6 +87,7 @@ def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, opti
         with timer.phase("corpus pass"):
             raw_done = _raw_phase(tracer, capture, corpus, n_docs, opts, out)
         base = _base_manifest(tracer, corpus, blocks, normalizer, opts, n_docs, requested)
+        base["n_docs"] = _n_rows(out, n_docs, opts)
         summary = finalize(out, base, opts, queries=queries, query_capture=capture, tracer=tracer, previous=repair,
                            timer=timer)
     if repair is not None:
@@ -164,6 +170,11 @@ def _v_sample(corpus: Path, n_docs: int, opts: BuildOptions, stated: NoSecondMom
 
 
 # --- phase 2: the corpus pass --------------------------------------------------------------------
+#
+# Shard s holds the rows of documents [s·S, (s+1)·S). Without chunking a row is a document, so
+# shard s starts at row s·S; with --chunk-tokens a row is a window, and shard s starts after the
+# windows of every document before it: its sidecar records the start, and the doc table each
+# window's (chunk, start, end). A row whose gradient is NaN or inf is stored as zeros and flagged.
 
 
 def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: int, opts: BuildOptions, out: Path) -> list[int]:
@@ -180,18 +191,25 @@ def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: i
         say(opts.quiet, f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
     update, close = bar(sum(rows_of(s, n_docs, opts.shard_docs) for s in todo), opts.quiet, "indexing")
     todo_set = set(todo)
+    start = 0  # the first row of the next shard
     # One writer thread: shard s is written (npy, then its sidecar) while shard s + 1 is computed.
     with ThreadPoolExecutor(max_workers=1) as background:
         pending = None
         try:
             for shard_no, docs in _shards(corpus, opts):
-                if shard_no not in todo_set:
+                if shard_no not in todo_set and opts.chunk_tokens is None:
                     continue
-                start = shard_no * opts.shard_docs
+                examples, owners = _shard_examples(tracer.tokenizer, docs, shard_no, start, opts)
+                start += len(examples)
+                if shard_no not in todo_set:  # chunked: tokenized only to know where the next shard starts
+                    continue
                 writer.clear_partial(out, writer.RAW, shard_no)
-                examples = [encode_document(tracer.tokenizer, d.text, start + i, opts.max_length) for i, d in enumerate(docs)]
-                raw = tracer.raw_vectors(capture, examples, opts, update)
-                info = {"start": start, "rows": len(docs), "docs": [[d.id, len(e.ids), e.truncated] for d, e in zip(docs, examples)]}
+                raw = tracer.raw_vectors(capture, examples, opts, _tokens_only(update, opts))
+                if update is not None and opts.chunk_tokens is not None:
+                    update(len(docs))  # the bar counts documents, not windows
+                bad = _zero_nonfinite(raw)
+                info = {"start": examples[0].row if examples else start, "rows": len(examples),
+                        "docs": [_doc_entry(docs[o].id, e, bool(b)) for o, e, b in zip(owners, examples, bad)]}
                 if pending is not None:
                     pending.result()  # at most one shard in flight: memory stays one shard deep
                 pending = background.submit(writer.write_done_shard, out, writer.RAW, shard_no, raw, info)
@@ -201,6 +219,61 @@ def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: i
             close()
     dist.barrier()
     return todo
+
+
+def _tokens_only(update, opts: BuildOptions):
+    """The bar's callback as `raw_vectors` calls it per batch: with chunking, tokens only (a batch
+    holds windows, and the bar counts documents)."""
+    if update is None or opts.chunk_tokens is None:
+        return update
+    return lambda n_items, n_tokens=0: update(0, n_tokens)
+
+
+def _shard_examples(tokenizer, docs: list[Document], shard_no: int, start: int,
+                    opts: BuildOptions) -> tuple[list[Example], list[int]]:
+    """(one example per row of the shard, the index in `docs` of each row's document).
+
+    Rows are numbered from `start` (chunked) or from shard_no · shard_docs (one row per document).
+    """
+    if opts.chunk_tokens is None:
+        first = shard_no * opts.shard_docs
+        examples = [encode_document(tokenizer, d.text, first + i, opts.max_length) for i, d in enumerate(docs)]
+        return examples, list(range(len(docs)))
+    examples: list[Example] = []
+    owners: list[int] = []
+    for i, d in enumerate(docs):
+        windows = encode_chunks(tokenizer, d.text, start + len(examples), opts.chunk_tokens, opts.chunk_stride)
+        examples += windows
+        owners += [i] * len(windows)
+    return examples, owners
+
+
+def _zero_nonfinite(raw: np.ndarray) -> np.ndarray:
+    """[N] bool: the rows of `raw` [N, D] holding a NaN or inf, which are set to zeros in place.
+
+    Why zeros: a zero raw vector adds nothing to any sum, its final vector R^{-1/2}·0 is zero, and
+    a zero vector scores exactly 0 against every query, so it can never rank as a proponent or an
+    opponent ahead of a document with a real score of either sign. The doc table flags the row
+    and R's statistics leave it out (`finalize`), so the index stays finite and says what it lost.
+    """
+    bad = ~np.isfinite(raw).all(axis=1)
+    raw[bad] = 0.0
+    return bad
+
+
+def _doc_entry(doc_id: str, example: Example, nonfinite: bool) -> list:
+    """The raw sidecar's row for one example: a window's span and the nonfinite flag when they apply."""
+    extra = {} if example.chunk is None else {"chunk": example.chunk, "start": example.start, "end": example.end}
+    if nonfinite:
+        extra["nonfinite"] = True
+    return writer.doc_entry(doc_id, len(example.ids), example.truncated, extra)
+
+
+def _n_rows(out: Path, n_docs: int, opts: BuildOptions) -> int:
+    """Rows in the index: the documents, or with --chunk-tokens the windows the raw sidecars record."""
+    if opts.chunk_tokens is None:
+        return n_docs
+    return sum(writer.read_sidecar(out, writer.RAW, s)["rows"] for s in range(-(-n_docs // opts.shard_docs)))
 
 
 def _shards(corpus: Path, opts: BuildOptions) -> Iterator[tuple[int, list[Document]]]:
@@ -251,5 +324,8 @@ def _base_manifest(tracer: Tracer, corpus: Path, blocks: list[Block], normalizer
         "max_length_requested": max_length_requested,
         "model_window": tracer.window,
         "shard_docs": opts.shard_docs,
-        "n_docs": n_docs,
+        "n_docs": n_docs,  # rows: the build sets the number of windows with --chunk-tokens
+        # with --chunk-tokens only, so an index without chunking keeps its bytes
+        **({"chunking": {"tokens": opts.chunk_tokens, "stride": opts.chunk_stride, "n_documents": n_docs}}
+           if opts.chunk_tokens is not None else {}),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +39,35 @@ def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] 
     """
     timer = timer or PhaseTimer()
     n_docs = base["n_docs"]
-    n_shards = -(-n_docs // opts.shard_docs)
-    precond, r_refit = _fit_preconditioner(out, base, n_shards, opts, queries, query_capture, tracer, timer)
-    written = _final_vectors(out, precond, n_docs, n_shards, opts, timer)
+    layout = ShardLayout.read(out, shard_count(base))
+    precond, r_refit = _fit_preconditioner(out, base, layout, opts, queries, query_capture, tracer, timer)
+    written = _final_vectors(out, precond, layout, opts, timer)
+    n_shards = layout.n_shards
     dist.barrier()
     if dist.rank() == 0:
         fields = {"variant": opts.variant or _variant_name(opts), "unit_norm": opts.unit_norm, "dtype": opts.dtype,
                   "preconditioner": precond.to_json()}
         n_tokens, n_truncated = writer.finish(out, base, fields, n_shards, previous=previous, timer=timer, quiet=opts.quiet)
-        say(opts.quiet, f"{out}: {n_docs:,} documents, {n_tokens:,} tokens ({n_truncated} truncated at {opts.max_length}), "
+        chunking = base.get("chunking")
+        rows = (f"{n_docs:,} windows of {chunking['n_documents']:,} documents" if chunking else f"{n_docs:,} documents")
+        say(opts.quiet, f"{out}: {rows}, {n_tokens:,} tokens ({n_truncated} truncated at {opts.max_length}), "
                         f"dim {base['dim']:,}, {opts.dtype}")
+        if layout.nonfinite.size:
+            first = json.loads((out / writer.MANIFEST).read_text())["nonfinite_first"]
+            say(opts.quiet, f"{out}: {layout.nonfinite.size} row(s) had a NaN or inf gradient (an fp16 overflow?), "
+                            f"first {', '.join(map(repr, first))}: flagged \"nonfinite\" in {writer.DOCS}, stored as "
+                            f"zeros (score 0 for every query) and left out of R")
     dist.barrier()
     return {"r_refit": r_refit, "vectors": written}
 
 
-def _final_vectors(out: Path, precond: Preconditioner, n_docs: int, n_shards: int, opts: BuildOptions,
+def _final_vectors(out: Path, precond: Preconditioner, layout: "ShardLayout", opts: BuildOptions,
                    timer: PhaseTimer) -> list[int]:
     """Write unit(R^{-1/2} g) for this rank's shards not yet done with this R; returns their numbers."""
     precond_sha = files.sha256_file(out / writer.PRECONDITIONER)
-    todo = [s for s in range(n_shards) if owns(s) and not writer.done(out, writer.VECTORS, s, {"preconditioner": precond_sha})]
-    update, close = bar(sum(rows_of(s, n_docs, opts.shard_docs) for s in todo), opts.quiet, "final vectors")
+    todo = [s for s in range(layout.n_shards)
+            if owns(s) and not writer.done(out, writer.VECTORS, s, {"preconditioner": precond_sha})]
+    update, close = bar(sum(layout.rows[s] for s in todo), opts.quiet, "final vectors")
     try:
         with timer.phase("final vectors"):
             for shard_no in todo:
@@ -74,22 +84,21 @@ def _final_vectors(out: Path, precond: Preconditioner, n_docs: int, n_shards: in
     return todo
 
 
-def _fit_preconditioner(out: Path, base: dict, n_shards: int, opts: BuildOptions, queries: list[Query] | None,
+def _fit_preconditioner(out: Path, base: dict, layout: "ShardLayout", opts: BuildOptions, queries: list[Query] | None,
                         query_capture, tracer, timer: PhaseTimer) -> tuple[Preconditioner, bool]:
     """(R^{-1/2}, whether it was fitted now): reused when its inputs are unchanged, else fitted."""
     path, info_path = out / writer.PRECONDITIONER, out / writer.PRECONDITIONER_INFO
-    kind, n_docs = opts.preconditioner, base["n_docs"]
+    kind = opts.preconditioner
     ranges = r_ranges([Block.from_json(b) for b in base["projection"]["blocks"]], opts.r_block)
-    fit_docs = min(n_docs, opts.fit_docs or 10_000)
-    sample = sample_rows(n_docs, fit_docs, opts.seed, 2) if kind != "none" else np.zeros(0, dtype=np.int64)
-    inputs = _r_inputs(out, opts, sample, n_shards)
+    sample = r_sample(layout, opts) if kind != "none" else np.zeros(0, dtype=np.int64)
+    inputs = _r_inputs(out, opts, sample, layout)
     reused = dist.broadcast_object(_reusable_preconditioner(out, inputs) is not None if dist.rank() == 0 else None)
     if reused:
         return Preconditioner.load(path, json.loads(info_path.read_text())), False
     stats: dict[str, RStats] = {}
     with timer.phase("R statistics"):
         if kind != "none":
-            stats["train"] = _train_stats(out, ranges, sample, n_shards, opts)
+            stats["train"] = _train_stats(out, ranges, sample, layout, opts)
         if kind == "mixed":
             stats["eval"] = _eval_stats(ranges, queries, query_capture, tracer, opts)
     if dist.rank() == 0:
@@ -113,10 +122,21 @@ def _fit_preconditioner(out: Path, base: dict, n_shards: int, opts: BuildOptions
     return Preconditioner.load(path, json.loads(info_path.read_text())), True
 
 
-def _r_inputs(out: Path, opts: BuildOptions, sample: np.ndarray, n_shards: int) -> str:
+def r_sample(layout: "ShardLayout", opts: BuildOptions) -> np.ndarray:
+    """The sorted rows R_train's statistics read: a seeded sample of the rows whose gradient is finite.
+
+    Without a flagged row this is `sample_rows` of all rows, as it always was; a flagged row is
+    taken out before sampling, so R never sees its (zeroed) vector.
+    """
+    usable = np.setdiff1d(np.arange(layout.n_rows), layout.nonfinite)  # [n] sorted
+    return usable[sample_rows(len(usable), min(len(usable), opts.fit_docs or 10_000), opts.seed, 2)]
+
+
+def _r_inputs(out: Path, opts: BuildOptions, sample: np.ndarray, layout: "ShardLayout") -> str:
     """sha256 of everything R depends on: its options, the bytes of the raw shards its sample
     reads (from their verified sidecars), and the eval queries' file. Equal ⇒ R can be reused."""
-    touched = sorted({int(r) // opts.shard_docs for r in sample.tolist()}) if opts.preconditioner != "none" else []
+    n_shards = layout.n_shards
+    touched = sorted(set(layout.shard_of(sample).tolist())) if opts.preconditioner != "none" else []
     spec = {
         "kind": opts.preconditioner,
         "lambda": opts.lam,
@@ -143,11 +163,11 @@ def _reusable_preconditioner(out: Path, inputs: str) -> Preconditioner | None:
         return None
 
 
-def _train_stats(out: Path, ranges, sample: np.ndarray, n_shards: int, opts: BuildOptions) -> RStats:
+def _train_stats(out: Path, ranges, sample: np.ndarray, layout: "ShardLayout", opts: BuildOptions) -> RStats:
     """Σ g gᵀ over the sampled raw rows of this rank's shards, all-reduced."""
     train = RStats(ranges)
-    mine = [s for s in range(n_shards) if owns(s)]
-    bounds = {s: (s * opts.shard_docs, (s + 1) * opts.shard_docs) for s in mine}
+    mine = [s for s in range(layout.n_shards) if owns(s)]
+    bounds = {s: (layout.starts[s], layout.starts[s] + layout.rows[s]) for s in mine}
     n_mine = sum(int(((sample >= lo) & (sample < hi)).sum()) for lo, hi in bounds.values())
     update, close = bar(n_mine, opts.quiet, "R_train: statistics")
     try:
@@ -186,6 +206,46 @@ def _eval_stats(ranges, queries: list[Query], query_capture, tracer: Tracer, opt
 def owns(shard_no: int) -> bool:
     """Whether this rank owns the shard (shard s belongs to rank s mod W, for any world size)."""
     return shard_no % dist.world() == dist.rank()
+
+
+def shard_count(base: dict) -> int:
+    """Shards of an index (`base`: its manifest so far): one per `shard_docs` documents."""
+    n_documents = (base.get("chunking") or {}).get("n_documents", base["n_docs"])
+    return -(-n_documents // base["shard_docs"])
+
+
+@dataclass
+class ShardLayout:
+    """Where the rows are, read from the raw shards' sidecars: each shard's first row and row
+    count (fixed-size shards of documents, or with chunking each shard's windows), and the rows
+    flagged nonfinite."""
+
+    starts: list[int]
+    rows: list[int]
+    nonfinite: np.ndarray  # [f] int64 sorted global rows
+
+    @classmethod
+    def read(cls, out: Path, n_shards: int) -> "ShardLayout":
+        starts, rows, bad = [], [], []
+        for s in range(n_shards):
+            info = writer.read_sidecar(out, writer.RAW, s)
+            starts.append(int(info["start"]))
+            rows.append(int(info["rows"]))
+            bad += [starts[-1] + i for i, (*_, extra) in enumerate(info["docs"])
+                    if isinstance(extra, dict) and extra.get("nonfinite")]
+        return cls(starts, rows, np.array(bad, dtype=np.int64))
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.starts)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.rows)
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        """[n] the shard holding each of `rows` [n]."""
+        return np.searchsorted(np.asarray(self.starts, dtype=np.int64), rows, side="right") - 1
 
 
 def rows_of(shard_no: int, n_docs: int, shard_docs: int) -> int:

@@ -68,6 +68,11 @@ class BuildOptions:
                                 "(default %(default)s)", choices=BLOCK_LAYOUTS)
     max_length: int = _opt(512, "documents longer than this many tokens are truncated (at least 2; at most the "
                                 "model's context window, to which a larger value is lowered; default %(default)s)")
+    chunk_tokens: int | None = _opt(None, "split each document into token windows of at most this many tokens, "
+                                          "one row each (2 to --max-length; default: one row per document, "
+                                          "truncated at --max-length)")
+    chunk_stride: int | None = _opt(None, "tokens from one window's start to the next's, 1 to --chunk-tokens "
+                                          "(default: --chunk-tokens, no overlap)")
     batch_tokens: int = _opt(4096, "padded tokens per batch (default %(default)s)")
     seed: int = _opt(0, "projection seed, ≥ 0 (default %(default)s)")
     optimizer_correction: bool = _opt(True, "do not divide by √V")  # the flag is --no-optimizer-correction
@@ -123,6 +128,10 @@ class BuildOptions:
             raise UserError(f"unknown --autocast {o.autocast!r} (bfloat16)")
         if o.blocks not in BLOCK_LAYOUTS:
             raise OptionError("--blocks", f"unknown layout {o.blocks!r} (paper or module)")
+        if o.chunk_stride is not None and o.chunk_tokens is None:
+            raise OptionError("--chunk-stride", "needs --chunk-tokens (the window the stride moves)")
+        if o.chunk_tokens is not None and o.chunk_stride is None:
+            o.chunk_stride = o.chunk_tokens
         o.validate()
         return o
 
@@ -136,6 +145,11 @@ class BuildOptions:
         """
         check_int("--proj-dim", self.proj_dim, minimum=1)
         check_int("--max-length", self.max_length, minimum=2, why=" (one token of context and one to predict)")
+        check_int("--chunk-tokens", self.chunk_tokens, minimum=2, maximum=self.max_length, optional=True,
+                  why=" (a window needs one token of context and one to predict, and fits in --max-length)")
+        if self.chunk_tokens is not None:
+            check_int("--chunk-stride", self.chunk_stride, minimum=1, maximum=self.chunk_tokens, optional=True,
+                      why=" (a larger stride would skip tokens between windows)")
         check_int("--batch-tokens", self.batch_tokens, minimum=1)
         check_int("--seed", self.seed, minimum=0)
         check_int("--shard-docs", self.shard_docs, minimum=1)
@@ -160,6 +174,8 @@ class BuildOptions:
     def identity(self) -> dict:
         """The options that determine the index's bytes (a rerun with others is refused)."""
         skip = {"quiet", "overwrite", "device", "variant"}
+        if self.chunk_tokens is None:  # an index without chunking records what it always did
+            skip |= {"chunk_tokens", "chunk_stride"}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         for key in ("optimizer_state", "eval_queries"):
             if d[key]:

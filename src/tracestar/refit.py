@@ -26,7 +26,7 @@ from tracestar.tracer import Tracer, encode_queries
 #: What a refit keeps of the source manifest: everything fixed before R.
 _BASE_KEYS = ("format_version", "tracestar_version", "model", "corpus", "projection", "dim", "normalizer",
               "optimizer_correction", "autocast", "max_length", "max_length_requested", "model_window", "shard_docs",
-              "n_docs")
+              "n_docs", "chunking")
 
 
 def refit(

@@ -42,10 +42,31 @@ def read_manifest(index_dir: str | Path) -> dict:
 
 @dataclass
 class DocRow:
+    """One row of docs.jsonl: a document, or with `--chunk-tokens` one window of it.
+
+    chunk/start/end: the window's number in its document and its token positions [start, end)
+    (None for a whole document). nonfinite: the row's gradient was NaN or inf, so its stored
+    vectors are zeros (score 0 for every query) and R's statistics left it out.
+    """
+
     row: int
     doc_id: str
     n_tokens: int
     truncated: bool
+    chunk: int | None = None
+    start: int | None = None
+    end: int | None = None
+    nonfinite: bool = False
+
+    @property
+    def key(self) -> str | tuple[str, int]:
+        """What names this row in results and explanations: the doc id, or (doc id, chunk)."""
+        return self.doc_id if self.chunk is None else (self.doc_id, self.chunk)
+
+    def hit(self, score: float) -> dict:
+        """A result entry: {"doc_id", "score"}, a chunk's with its span {"chunk", "start", "end"} too."""
+        span = {} if self.chunk is None else {"chunk": self.chunk, "start": self.start, "end": self.end}
+        return {"doc_id": self.doc_id, **span, "score": score}
 
 
 def read_doc_table(index_dir: str | Path) -> list[DocRow]:
@@ -53,8 +74,15 @@ def read_doc_table(index_dir: str | Path) -> list[DocRow]:
     with open(Path(index_dir) / DOCS, encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            rows.append(DocRow(rec["row"], rec["doc_id"], rec["n_tokens"], rec["truncated"]))
+            rows.append(DocRow(rec["row"], rec["doc_id"], rec["n_tokens"], rec["truncated"], rec.get("chunk"),
+                               rec.get("start"), rec.get("end"), bool(rec.get("nonfinite", False))))
     return rows
+
+
+def hit_key(hit: dict) -> str | tuple[str, int]:
+    """`DocRow.key` of a result entry: its doc id, or (doc id, chunk) for a chunk's."""
+    doc_id = str(hit.get("doc_id"))
+    return doc_id if hit.get("chunk") is None else (doc_id, int(hit["chunk"]))
 
 
 # Shard memory maps a store keeps open for `gather` (each holds a file descriptor).
@@ -74,7 +102,8 @@ class IndexStore:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self._docs: list[DocRow] | None = None
-        self._rows: dict[str, int] | None = None
+        self._rows: dict[str | tuple[str, int], int] | None = None
+        self._chunks: dict[str, int] | None = None
         self._verified: set[tuple[str, str]] = set()  # (file, sha256) checked against the manifest
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # recently gathered shards
         self._maps_lock = threading.Lock()  # `gather` runs on several threads at once
@@ -97,11 +126,26 @@ class IndexStore:
     def doc_ids(self) -> list[str]:
         return [d.doc_id for d in self.docs]
 
-    def row_of(self, doc_id: str) -> int | None:
-        """The row holding `doc_id` (a dict built once per store), or None."""
+    @property
+    def chunked(self) -> bool:
+        """Whether rows are token windows of documents (`--chunk-tokens`)."""
+        return self.manifest.get("chunking") is not None
+
+    def row_of(self, doc_id: str, chunk: int | None = None) -> int | None:
+        """The row holding `doc_id` (its window `chunk` in a chunked index), or None; a dict built
+        once per store. A document that is a single window is found without its chunk number."""
         if self._rows is None:
-            self._rows = {d.doc_id: d.row for d in self.docs}
-        return self._rows.get(doc_id)
+            self._rows = {d.key: d.row for d in self.docs}
+            self._rows.update({d.doc_id: d.row for d in self.docs if d.chunk == 0 and (d.doc_id, 1) not in self._rows})
+        return self._rows.get(doc_id if chunk is None else (doc_id, chunk))
+
+    def chunks_of(self, doc_id: str) -> int:
+        """How many rows (windows) hold `doc_id`: 1 for a document not split, 0 when absent."""
+        if self._chunks is None:
+            self._chunks = {}
+            for d in self.docs:
+                self._chunks[d.doc_id] = self._chunks.get(d.doc_id, 0) + 1
+        return self._chunks.get(doc_id, 0)
 
     @property
     def shards(self) -> list[dict]:

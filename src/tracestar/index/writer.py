@@ -230,7 +230,8 @@ def finish(out: Path, base: dict, fields: dict, n_shards: int, *, previous: dict
     forms carry over. Returns (tokens, truncated documents).
     """
     with timer.phase("writes"):
-        shards, n_tokens, n_truncated = _write_doc_table(out, n_shards)
+        shards, counts = _write_doc_table(out, n_shards)
+        n_tokens, n_truncated = counts["tokens"], counts["truncated"]
         checksums = {name: files.sha256_file(out / name) for name in _checksummed_files(out, n_shards)}
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = {
@@ -239,6 +240,9 @@ def finish(out: Path, base: dict, fields: dict, n_shards: int, *, previous: dict
         **fields,
         "n_tokens": n_tokens,
         "n_truncated": n_truncated,
+        # only when some row's gradient was NaN or inf, so an index without one keeps its bytes
+        **({"n_nonfinite": counts["nonfinite"], "nonfinite_first": counts["nonfinite_first"]}
+           if counts["nonfinite"] else {}),
         "world_size": dist.world(),
         "shards": shards,
         "files": {"normalizer": NORMALIZER, "preconditioner": PRECONDITIONER, "docs": DOCS},
@@ -258,11 +262,22 @@ def finish(out: Path, base: dict, fields: dict, n_shards: int, *, previous: dict
     return n_tokens, n_truncated
 
 
-def _write_doc_table(out: Path, n_shards: int) -> tuple[list[dict], int, int]:
-    """docs.jsonl streamed from the shards' sidecars (memory independent of corpus size);
-    returns (the manifest's shard list, tokens, truncated documents)."""
+#: How many ids of rows with a non-finite gradient the manifest and the build's last message name.
+NONFINITE_SHOWN = 5
+
+
+def doc_entry(doc_id: str, n_tokens: int, truncated: bool, extra: dict | None = None) -> list:
+    """One row of a raw sidecar's `docs`: [doc_id, n_tokens, truncated], plus a dict of what only
+    some rows have — a chunk's {"chunk", "start", "end"} (token positions in its document) and
+    {"nonfinite": true} — so a row without them is written as before."""
+    return [doc_id, n_tokens, truncated, extra] if extra else [doc_id, n_tokens, truncated]
+
+
+def _write_doc_table(out: Path, n_shards: int) -> tuple[list[dict], dict]:
+    """docs.jsonl streamed from the shards' sidecars (memory independent of corpus size); returns
+    (the manifest's shard list, {tokens, truncated rows, nonfinite rows, the first nonfinite ids})."""
     shards: list[dict] = []
-    counts = {"tokens": 0, "truncated": 0}
+    counts: dict = {"tokens": 0, "truncated": 0, "nonfinite": 0, "nonfinite_first": []}
 
     def doc_rows():
         row = 0
@@ -271,14 +286,19 @@ def _write_doc_table(out: Path, n_shards: int) -> tuple[list[dict], int, int]:
             vec_info = read_sidecar(out, VECTORS, shard_no)
             shards.append({"name": shard_name(shard_no), "start": raw_info["start"], "rows": raw_info["rows"],
                            "raw_sha256": raw_info["sha256"], "vectors_sha256": vec_info["sha256"]})
-            for doc_id, toks, trunc in raw_info["docs"]:
-                yield {"row": row, "doc_id": doc_id, "n_tokens": toks, "truncated": trunc}
+            for doc_id, toks, trunc, *extra in raw_info["docs"]:
+                more = extra[0] if extra else {}
+                yield {"row": row, "doc_id": doc_id, "n_tokens": toks, "truncated": trunc, **more}
                 row += 1
                 counts["tokens"] += toks
                 counts["truncated"] += int(trunc)
+                if more.get("nonfinite"):
+                    counts["nonfinite"] += 1
+                    if len(counts["nonfinite_first"]) < NONFINITE_SHOWN:
+                        counts["nonfinite_first"].append(doc_id)
 
     files.write_jsonl(out / DOCS, doc_rows())
-    return shards, counts["tokens"], counts["truncated"]
+    return shards, counts
 
 
 def _checksummed_files(out: Path, n_shards: int) -> list[str]:
