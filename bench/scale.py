@@ -1,0 +1,307 @@
+"""Scale: a large synthetic corpus through a tiny model, then the index's size and query latency.
+
+    python bench/scale.py --docs 1000000                 # the issue's size (hours on two shared cores)
+    python bench/scale.py --docs 100000 --queries 64     # what finishes in ~25 min here
+    python bench/scale.py --pq-only --pq-rows 8192       # only PQ at 2^16 dims on a synthetic index
+
+Steps, each printed as it ends:
+
+1. A synthetic corpus of `--docs` documents (16–64 random words of a 500-word vocabulary) and a
+   tiny GPT-2 (2 layers, width 32, random weights, saved with a word-level tokenizer).
+2. Tokenizer alone over the first documents: the floor any build is compared to.
+3. `build_index` in a child process at `--proj-dim` (default 2^10): docs/s, tokens/s, the ratio
+   to the tokenizer's docs/s, and the child's peak RSS (`resource.getrusage(RUSAGE_CHILDREN)`).
+   Two further small builds (`--probe-docs`, at `--proj-dim` and at 2^16) measure how the build
+   rate changes with the dimension, for the extrapolation.
+4. Index bytes per directory (raw/, vectors/, compressed/).
+5. `compress` int8 and PQ (parameters from `pq_params`), then `--queries` query vectors (stored
+   rows plus noise, unit norm) searched top-10 exactly, from int8 and from PQ (both re-ranked
+   exactly): latency per query, its ratio to the exact scan's, and the top-10 overlap with exact.
+6. PQ at 2^16 dims on a synthetic clustered index of `--pq-rows` rows: training and encoding
+   time per row, query latency ratio to exact, overlap.
+7. The figures extrapolated to 2^16 dims: bytes scale with D (fp16 vectors 2·D, raw float32
+   4·D per document); the exact and int8 scans read every byte, so their latency scales with
+   D × rows; PQ's scan reads m ≤ 1024 code bytes per probed row whatever D, its per-query tables
+   cost ksub × D; the build rate is the measured rate at `--proj-dim` times the measured
+   rate ratio (2^16 ÷ `--proj-dim`) of step 3's probes.
+
+The machine may be shared, so every latency is also printed as a ratio to a reference measured in
+the same run; the absolute seconds are for orientation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HIGH_DIM = 1 << 16
+VOCAB = 500
+
+
+# --- corpus and model ----------------------------------------------------------------------------
+
+
+def write_corpus(path: Path, n_docs: int, seed: int = 0) -> int:
+    """`n_docs` JSONL documents of 16–64 random words, streamed to `path`; returns the word count."""
+    rng = random.Random(seed)
+    words = 0
+    with open(path, "w") as fh:
+        for i in range(n_docs):
+            n = rng.randint(16, 64)
+            words += n
+            fh.write(json.dumps({"id": f"d{i}", "text": " ".join(f"w{rng.randrange(VOCAB)}" for _ in range(n))}) + "\n")
+    return words
+
+
+def save_tiny_model(path: Path) -> None:
+    """A 2-layer, width-32 GPT-2 with random weights and a word-level tokenizer of VOCAB words."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB)}}
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+
+
+def tokenizer_rate(model_dir: Path, corpus: Path, n_docs: int) -> dict:
+    """docs/s and tokens/s of the tokenizer alone (batches of 1,024) over the first `n_docs` documents."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = []
+    with open(corpus) as fh:
+        for line in fh:
+            if len(texts) == n_docs:
+                break
+            texts.append(json.loads(line)["text"])
+    t, tokens = time.perf_counter(), 0
+    for lo in range(0, len(texts), 1024):
+        tokens += sum(len(ids) for ids in tok(texts[lo : lo + 1024])["input_ids"])
+    s = time.perf_counter() - t
+    return {"docs": len(texts), "docs_per_s": len(texts) / s, "tokens_per_s": tokens / s}
+
+
+# --- the build, in a child process ---------------------------------------------------------------
+
+
+def _build_child(model_dir: str, corpus: str, out: str, proj_dim: int) -> None:
+    from tracestar.build import build_index
+
+    t = time.perf_counter()
+    build_index(model_dir, corpus, out, proj_dim=proj_dim, preconditioner="train", shard_docs=4096, quiet=True)
+    print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int) -> dict:
+    """Build in a fresh process; docs/s, tokens/s (tokens as docs.jsonl counts them), peak RSS."""
+    cmd = [sys.executable, __file__, "--build-child", str(model_dir), str(corpus), str(out), str(proj_dim)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"build failed:\n{res.stderr[-3000:]}")
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    docs = tokens = 0
+    with open(out / "docs.jsonl") as fh:
+        for line in fh:
+            docs += 1
+            tokens += json.loads(line)["n_tokens"]
+    timings = json.loads((out / "manifest.json").read_text()).get("timings")
+    return {**row, "docs": docs, "tokens": tokens, "docs_per_s": docs / row["build_s"],
+            "tokens_per_s": tokens / row["build_s"], "timings": timings}
+
+
+def tree_bytes(index: Path) -> dict:
+    """Bytes per top-level entry of an index directory, and the total."""
+    out = {}
+    for p in sorted(index.iterdir()):
+        out[p.name] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    out["total"] = sum(out.values())
+    return out
+
+
+# --- queries -------------------------------------------------------------------------------------
+
+
+def query_vectors(store, n: int, seed: int = 0) -> np.ndarray:
+    """Unit query vectors near `n` random stored rows (row + noise of the same norm)."""
+    from tracestar.index.store import as_float32
+    from tracestar.testing import unit
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(store.n_rows, size=n, replace=False))
+    x = as_float32(store.gather("vectors", rows), store.stored_dtype("vectors"))
+    return unit(x + rng.standard_normal(x.shape, dtype=np.float32) / np.sqrt(x.shape[1]))
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(r) & set(s)) / len(s) for r, s in zip(a, b)]))
+
+
+def latencies(index: Path, q: np.ndarray, k: int = 10) -> dict:
+    """Per-query seconds of exact / int8 / PQ search (best of 2, after one warm-up), overlap with exact."""
+    from tracestar.index.search import search, search_compressed
+    from tracestar.index.store import IndexStore
+
+    store = IndexStore(index)
+    runs = {"exact": lambda: search(store, q, k, exact=True)}
+    for form in store.compressed_forms():
+        runs[form] = lambda form=form: search_compressed(store, q, k, form=form)
+    out, ref = {}, None
+    for name, fn in runs.items():
+        res = fn()
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        ref = res if name == "exact" else ref
+        out[name] = {"s_per_query": best / len(q), "top10_overlap": overlap(res.prop_rows, ref.prop_rows),
+                     "opp_overlap": overlap(res.opp_rows, ref.opp_rows)}
+    for row in out.values():
+        row["vs_exact"] = row["s_per_query"] / out["exact"]["s_per_query"]
+    return out
+
+
+def compress_all(index: Path) -> dict:
+    from tracestar.index.compress import compress
+
+    out = {}
+    for kind in ("int8", "pq"):
+        e = compress(index, kind)
+        out[kind] = {k: e.get(k) for k in ("seconds", "train_seconds", "bytes_per_doc", "m", "nlist", "nprobe", "train_rows")}
+    return out
+
+
+# --- PQ at 2^16 on a synthetic index -------------------------------------------------------------
+
+
+def pq_high_dim(root: Path, rows: int, n_q: int, dim: int = HIGH_DIM) -> dict:
+    """Compress and search a synthetic clustered index of `rows` × `dim` (fp16), PQ vs exact."""
+    from tracestar.index.compress import compress
+    from tracestar.testing import clustered, write_index
+
+    def blocks():
+        for lo in range(0, rows, 1024):
+            yield clustered(min(1024, rows - lo), dim, 1, seed=lo, clusters=64)[0]
+
+    path = root / f"pq-{dim}"
+    write_index(path, blocks(), "float16")
+    # queries: noisy copies of stored rows, as in `query_vectors`
+    from tracestar.index.store import IndexStore
+
+    q = query_vectors(IndexStore(path), n_q, seed=1)
+    t = time.perf_counter()
+    e = compress(path, "pq")
+    return {"rows": rows, "dim": dim, "compress_s": time.perf_counter() - t,
+            **{k: e.get(k) for k in ("train_seconds", "train_rows", "m", "nlist", "nprobe", "bytes_per_doc")},
+            "encode_s_per_row": (e["seconds"] - e["train_seconds"]) / rows, "search": latencies(path, q)}
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def extrapolate(n_docs: int, dim: int, built: dict, sizes: dict, lat: dict, probe: dict, hi: dict | None) -> dict:
+    """The measured figures at `dim` carried to HIGH_DIM dims and 1M rows (rules in the module docstring)."""
+    f = HIGH_DIM / dim
+    rows = 1_000_000 / n_docs
+    out = {
+        "index_bytes_1M_2^16": {k: v * f * rows for k, v in sizes.items() if k in ("raw", "vectors")},
+        "exact_s_per_query_1M_2^16": lat["exact"]["s_per_query"] * f * rows,
+        "int8_s_per_query_1M_2^16": lat.get("int8", {}).get("s_per_query", float("nan")) * f * rows,
+        "build_docs_per_s_2^16": built["docs_per_s"] * probe["rate_ratio"],
+    }
+    out["build_hours_1M_2^16"] = 1_000_000 / out["build_docs_per_s_2^16"] / 3600
+    if hi:
+        # PQ at 1M rows: the per-query cost measured at 2^16 scales with the rows probed
+        out["pq_s_per_query_1M_2^16"] = hi["search"]["pq"]["s_per_query"] * 1_000_000 / hi["rows"]
+        out["pq_encode_hours_1M_2^16"] = hi["encode_s_per_row"] * 1_000_000 / 3600
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=1_000_000)
+    ap.add_argument("--proj-dim", type=int, default=1 << 10)
+    ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--probe-docs", type=int, default=1000, help="documents of the two builds that compare dimensions")
+    ap.add_argument("--pq-rows", type=int, default=8192, help="rows of the synthetic 2^16-dim PQ index (0: skip)")
+    ap.add_argument("--pq-only", action="store_true")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--build-child", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.build_child:
+        _build_child(a.build_child[0], a.build_child[1], a.build_child[2], int(a.build_child[3]))
+        return
+    print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    report: dict = {"docs": a.docs, "proj_dim": a.proj_dim}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if a.pq_rows:
+            hi = pq_high_dim(root, a.pq_rows, min(a.queries, a.pq_rows))
+            report["pq_2^16"] = hi
+            s = hi["search"]
+            print(f"PQ at 2^16 dims, {hi['rows']} rows: m={hi['m']} nlist={hi['nlist']}, train {hi['train_seconds']:.1f} s on "
+                  f"{hi['train_rows']} rows, encode {hi['encode_s_per_row'] * 1e3:.2f} ms/row; query PQ÷exact "
+                  f"{s['pq']['vs_exact']:.2f}, top-10 overlap {s['pq']['top10_overlap']:.3f}", flush=True)
+            import shutil
+
+            shutil.rmtree(root / f"pq-{HIGH_DIM}")
+        if a.pq_only:
+            _dump(a.out, report)
+            return
+        save_tiny_model(root / "model")
+        corpus = root / "corpus.jsonl"
+        words = write_corpus(corpus, a.docs)
+        tok = tokenizer_rate(root / "model", corpus, min(a.docs, 50_000))
+        print(f"corpus: {a.docs} docs, {words} words; tokenizer alone {tok['docs_per_s']:.0f} docs/s", flush=True)
+        probe_corpus = root / "probe.jsonl"
+        write_corpus(probe_corpus, a.probe_docs, seed=1)
+        lo = build(root / "model", probe_corpus, root / "probe-lo", a.proj_dim)
+        hi_b = build(root / "model", probe_corpus, root / "probe-hi", HIGH_DIM)
+        probe = {"docs": a.probe_docs, "lo_docs_per_s": lo["docs_per_s"], "hi_docs_per_s": hi_b["docs_per_s"],
+                 "rate_ratio": hi_b["docs_per_s"] / lo["docs_per_s"], "hi_peak_rss_mb": hi_b["peak_rss_mb"]}
+        print(f"probe builds ({a.probe_docs} docs): 2^16 ÷ {a.proj_dim} docs/s = {probe['rate_ratio']:.3f}", flush=True)
+        built = build(root / "model", corpus, root / "index", a.proj_dim)
+        print(f"build: {built['docs']} docs, {built['tokens']} tokens in {built['build_s']:.0f} s: {built['docs_per_s']:.0f} docs/s "
+              f"({built['docs_per_s'] / tok['docs_per_s']:.3f} × tokenizer alone), {built['tokens_per_s']:.0f} tokens/s; "
+              f"peak RSS {built['peak_rss_mb']:.0f} MB (children's max {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB)",
+              flush=True)
+        comp = compress_all(root / "index")
+        sizes = tree_bytes(root / "index")
+        print("bytes/doc: " + ", ".join(f"{k} {v / a.docs:.0f}" for k, v in sizes.items()), flush=True)
+        print("compress: " + "; ".join(f"{k} {v['seconds']:.0f} s, {v['bytes_per_doc']} B/doc" for k, v in comp.items()), flush=True)
+        q = query_vectors(__import__("tracestar.index.store", fromlist=["IndexStore"]).IndexStore(root / "index"), a.queries)
+        lat = latencies(root / "index", q)
+        for name, row in lat.items():
+            print(f"query {name:>5}: {row['s_per_query'] * 1e3:8.2f} ms/query  ×{row['vs_exact']:.3f} of exact  "
+                  f"top-10 overlap {row['top10_overlap']:.3f}  opponents {row['opp_overlap']:.3f}", flush=True)
+        ext = extrapolate(a.docs, a.proj_dim, built, sizes, lat, probe, report.get("pq_2^16"))
+        print("extrapolated to 1M docs at 2^16 dims: " + ", ".join(f"{k} {v:.3g}" if not isinstance(v, dict) else
+              f"{k} " + " ".join(f"{kk} {vv / 1e9:.0f} GB" for kk, vv in v.items()) for k, v in ext.items()), flush=True)
+        report.update({"tokenizer": tok, "probe": probe, "build": built, "compress": comp, "bytes": sizes,
+                       "latency": lat, "extrapolated": ext})
+    _dump(a.out, report)
+
+
+def _dump(path: Path | None, report: dict) -> None:
+    if path:
+        path.write_text(json.dumps(report, indent=1, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
