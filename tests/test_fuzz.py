@@ -396,7 +396,8 @@ def test_damaged_optimizer_states(states, scale):
     scales — read into finite, positive scales (zeros are floored at eps × the mean)."""
     from tracestar.model import tracked_matrices
     from tracestar.normalizer import from_state
-    from tracestar.optim_state import _expected_shape, from_state_dict
+    from tracestar.optim_mapping import expected_shape
+    from tracestar.optim_state import from_state_dict
 
     endings: Counter = Counter()
 
@@ -431,7 +432,7 @@ def test_damaged_optimizer_states(states, scale):
                 del sd["state"][i]
             else:
                 sd["state"][i][key] = damaged
-            refuse = _refusal_expected(damaged, _expected_shape(key, shape))
+            refuse = _refusal_expected(damaged, expected_shape(key, shape))
         try:
             state = from_state_dict(sd, model, source="state.pt")
             norm = from_state(state, tracked_matrices(model))

@@ -4,7 +4,9 @@ A torch optimizer's `state_dict()` keys its per-parameter state by position — 
 the parameters were handed to the optimizer, group after group — not by name. Reading a state
 therefore means recovering that order, and a wrong guess is silent wherever two parameters share a
 shape (q/k/v/o, gate/up): the wrong matrix's V would be used. This module owns that step for the
-normalizer and for tail-patch.
+normalizer and for tail-patch: what the state holds (`OptimizerState`, its second moments and its
+step). Where the state lies on disk and how it is loaded is `optim_files.py`; which entry belongs
+to which parameter is `optim_mapping.py`.
 
 Where the state can be (`locate`):
 
@@ -41,27 +43,35 @@ keys) raise `NoSecondMoment`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from tracestar.errors import UserError
+from tracestar.optim_files import (  # noqa: F401 (find_in_dir, states_in_dir re-exported)
+    find_in_dir,
+    find_state_dict,
+    is_dcp,
+    load_dcp,
+    load_file,
+    locate,
+    states_in_dir,
+    written_by_trainer,
+)
+from tracestar.optim_mapping import (  # noqa: F401 (trainer_groups re-exported)
+    canonical_names,
+    choose_order,
+    expected_shape,
+    fmt_shape,
+    given_names,
+    shape_problem,
+    trainer_groups,
+)
 
 MAPPINGS = ("names", "trainer-groups", "parameter-order")
-
-#: Files and folders that hold an optimizer state inside a checkpoint directory.
-_STATE_FILE = re.compile(r"^optimizer(_\d+)?\.(pt|bin|pth)$")
-_STATE_DIR = re.compile(r"^optimizer(_\d+)?$")
-
-#: Module wrappers that prefix parameter names (torch.compile, activation checkpointing, FSDP1, DDP).
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-#: Trainer's name patterns (transformers ≥ 4.47) for parameters that get no weight decay.
-_NO_DECAY_PATTERNS = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
 
 
 class NoSecondMoment(UserError):
@@ -148,9 +158,9 @@ class OptimizerState:
         are legitimate (rows that saw no gradient) and are floored by the normalizer."""
         v = st[key]
         where = f"{self.source}: optimizer state '{key}' of parameter '{name}'"
-        want = _expected_shape(key, self.shapes[name])
+        want = expected_shape(key, self.shapes[name])
         if want is not None and tuple(v.shape) != want:
-            raise UserError(f"{where} has shape {_fmt(v.shape)}; the parameter needs {_fmt(want)}")
+            raise UserError(f"{where} has shape {fmt_shape(v.shape)}; the parameter needs {fmt_shape(want)}")
         if not v.is_floating_point():
             raise UserError(f"{where} has dtype {str(v.dtype).replace('torch.', '')}; a second moment is floating-point")
         n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
@@ -225,153 +235,16 @@ class OptimizerState:
         return opt
 
 
-# --- finding the state --------------------------------------------------------------------------
-
-
-def locate(path: str | Path) -> Path:
-    """The file or DCP directory that holds the optimizer state `path` names; UserError if none or several."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: optimizer state not found")
-    if path.is_file() or _is_dcp(path):
-        return path
-    found = states_in_dir(path)
-    if not found:
-        raise UserError(f"{path}: no optimizer state here (looked for optimizer.pt, optimizer.bin and a "
-                        "torch.distributed.checkpoint directory)")
-    if len(found) > 1:
-        raise UserError(f"{path}: holds {len(found)} optimizer states ({', '.join(p.name for p in found)}); name one of them")
-    return found[0]
-
-
-def states_in_dir(directory: str | Path) -> list[Path]:
-    """Every optimizer state a checkpoint directory holds: optimizer[_N].pt/.bin, DCP folders."""
-    directory = Path(directory)
-    if _is_dcp(directory):
-        return [directory]
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir()
-                  if (p.is_file() and _STATE_FILE.match(p.name)) or (p.is_dir() and _STATE_DIR.match(p.name) and _is_dcp(p)))
-
-
-def find_in_dir(directory: str | Path) -> Path | None:
-    """The one optimizer state inside a model or checkpoint directory, else None (none, or several)."""
-    found = states_in_dir(directory)
-    return found[0] if len(found) == 1 else None
-
-
-def _is_dcp(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file()
-
-
-def _written_by_trainer(path: Path) -> bool:
-    folder = path if path.is_dir() else path.parent
-    return (folder / "trainer_state.json").is_file()
-
-
-def _load_file(path: Path) -> Any:
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"{path}: not a torch optimizer state ({type(exc).__name__}: {first})") from None
-
-
-def _load_dcp(path: Path) -> Any:
-    """The optimizer entries of a DCP checkpoint as one nested dict (model weights are not read)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # what dcp_to_torch_save uses
-
-    try:
-        reader = FileSystemReader(str(path))
-        meta = reader.read_metadata()
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable torch.distributed.checkpoint ({type(exc).__name__}: {exc})") from None
-    planner_data = meta.planner_data or {}
-
-    def optimizer_key(key: str) -> bool:
-        parts = [str(p) for p in planner_data.get(key, (key,))]
-        return any(p in ("state", "param_groups") or p.startswith(("state.", "param_groups.")) for p in parts)
-
-    keys = {k for k in meta.state_dict_metadata if optimizer_key(k)}
-    if not keys:
-        raise UserError(f"{path}: this torch.distributed.checkpoint holds no optimizer state")
-    sd: dict[str, Any] = {}
-    # The public `load` fills only keys already present; this rebuilds the dict from the metadata.
-    _load_state_dict(sd, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
-    return sd
-
-
-def _find_state_dict(obj: Any, where: str) -> dict[str, Any]:
-    """The {state, param_groups} dict in what was loaded, possibly nested or flattened."""
-    found: list[dict[str, Any]] = []
-
-    def walk(o: Any, depth: int) -> None:
-        if not isinstance(o, Mapping) or depth > 4:
-            return
-        if "state" in o and "param_groups" in o:
-            found.append(dict(o))
-            return
-        flat = _unflatten(o)
-        if flat is not None:
-            found.append(flat)
-            return
-        for v in o.values():
-            walk(v, depth + 1)
-
-    walk(obj, 0)
-    if not found:
-        raise UserError(f"{where}: not an optimizer state_dict (no 'state' and 'param_groups' inside)")
-    if len(found) > 1:
-        raise UserError(f"{where}: holds {len(found)} optimizer states; save or name just one")
-    return found[0]
-
-
-def _unflatten(d: Mapping[str, Any]) -> dict[str, Any] | None:
-    """`flatten_optimizer_state_dict` form ('state.<fqn>.<key>', 'param_groups.<fqn>.<hp>') → nested.
-
-    State keys and hyperparameter names hold no dots, so the last dot splits name from key. Groups
-    are rebuilt from parameters that share every hyperparameter, in first-seen order.
-    """
-    if not d or not all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in d):
-        return None
-    state: dict[str, dict[str, Any]] = {}
-    hyper: dict[str, dict[str, Any]] = {}
-    for key, value in d.items():
-        head, rest = key.split(".", 1)
-        name, leaf = rest.rsplit(".", 1)
-        (state if head == "state" else hyper).setdefault(name, {})[leaf] = value
-    groups: list[dict[str, Any]] = []
-    for name, hp in hyper.items():
-        hp = {k: v for k, v in hp.items() if k not in ("params", "param_names")}
-        group = next((g for g in groups if {k: v for k, v in g.items() if k != "params"} == hp), None)
-        if group is None:
-            group = {**hp, "params": []}
-            groups.append(group)
-        group["params"].append(name)
-    for name in state:
-        if name not in hyper:
-            raise UserError(f"flattened optimizer state names '{name}' in 'state' but not in 'param_groups'")
-    return {"state": state, "param_groups": groups}
-
-
 # --- mapping ------------------------------------------------------------------------------------
 
 
 def read(path: str | Path, model: nn.Module) -> OptimizerState:
     """Locate, load and map the optimizer state at `path` onto `model`; every check done here."""
     where = locate(path)
-    raw = _load_dcp(where) if _is_dcp(where) else _load_file(where)
-    sd = _find_state_dict(raw, str(where))
+    raw = load_dcp(where) if is_dcp(where) else load_file(where)
+    sd = find_state_dict(raw, str(where))
     return from_state_dict(sd, model, source=str(Path(path).resolve()), files=[str(where.resolve())],
-                           trainer_hint=_written_by_trainer(where))
+                           trainer_hint=written_by_trainer(where))
 
 
 def from_state_dict(sd: Mapping[str, Any], model: nn.Module, *, source: str = "<state_dict>",
@@ -387,17 +260,17 @@ def from_state_dict(sd: Mapping[str, Any], model: nn.Module, *, source: str = "<
     flat_keys = [k for ks in keyed for k in ks]
     if len(set(flat_keys)) != len(flat_keys):
         raise UserError(f"{source}: a parameter appears twice in 'param_groups'")
-    names_given = _names_given(groups_in, keyed, source)
+    names_given = given_names(groups_in, keyed, source)
     if names_given is not None:
         mapping = "names"
-        assign = dict(zip(flat_keys, _canonical_names(names_given, model, source, state_in, flat_keys)))
+        assign = dict(zip(flat_keys, canonical_names(names_given, model, source, state_in, flat_keys)))
         for key, name in assign.items():
-            problem = _shape_problem(state_in.get(key), shapes[name])
+            problem = shape_problem(state_in.get(key), shapes[name])
             if problem:
-                raise UserError(f"{source}: optimizer state for '{name}' has {problem[0]} of shape {_fmt(problem[1])}; "
-                                f"the parameter is {_fmt(shapes[name])}")
+                raise UserError(f"{source}: optimizer state for '{name}' has {problem[0]} of shape {fmt_shape(problem[1])}; "
+                                f"the parameter is {fmt_shape(shapes[name])}")
     else:
-        mapping, order = _choose_order(keyed, state_in, model, shapes, source, trainer_hint)
+        mapping, order = choose_order(keyed, state_in, model, shapes, source, trainer_hint)
         assign = dict(zip(flat_keys, order))
     group_names = [[assign[k] for k in ks] for ks in keyed]
     entries = {assign[k]: dict(st) for k, st in state_in.items() if k in assign}
@@ -410,163 +283,6 @@ def from_state_dict(sd: Mapping[str, Any], model: nn.Module, *, source: str = "<
     return OptimizerState(source=source, files=files or [], optimizer=optimizer, mapping=mapping,
                           step=max(steps) if steps else None, groups=groups, group_names=group_names,
                           entries=entries, shapes={n: shapes[n] for n in entries}, notes=notes)
-
-
-def _names_given(groups: list[Mapping[str, Any]], keyed: list[list[Any]], source: str) -> list[str] | None:
-    """Parameter names the state carries: `param_names`, or FQN strings as its keys."""
-    flat = [k for ks in keyed for k in ks]
-    if flat and all(isinstance(k, str) for k in flat):
-        return flat
-    if groups and all("param_names" in g for g in groups):
-        names = [n for g in groups for n in g["param_names"]]
-        if len(names) != len(flat):
-            raise UserError(f"{source}: 'param_names' lists {len(names)} parameters, 'params' {len(flat)}")
-        return [str(n) for n in names]
-    return None
-
-
-def _canonical_names(given: list[str], model: nn.Module, source: str, state: Mapping, keys: list) -> list[str]:
-    """Each given name as `model.named_parameters()` spells it (wrapper prefixes dropped, tied aliases merged)."""
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    alias = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-    out: list[str] = []
-    for name, key in zip(given, keys):
-        clean = name
-        for seg in _WRAPPER_SEGMENTS:
-            clean = clean.replace(seg, "")
-        if clean not in alias and clean.startswith("module."):
-            clean = clean[len("module."):]
-        if clean not in alias:
-            shape = _first_shape(state.get(key))
-            raise UserError(f"{source}: optimizer state names parameter '{name}'"
-                            f"{' ' + _fmt(shape) if shape else ''}, which this model does not have")
-        out.append(alias[clean])
-    seen: set[str] = set()
-    for name, canon in zip(given, out):
-        if canon in seen:
-            raise UserError(f"{source}: optimizer state lists parameter '{canon}' twice (as '{name}')")
-        seen.add(canon)
-    return out
-
-
-def _choose_order(keyed: list[list[Any]], state: Mapping, model: nn.Module, shapes: dict[str, tuple[int, ...]],
-                  source: str, trainer_hint: bool) -> tuple[str, list[str]]:
-    """(mapping, parameter name per position) for a state keyed by position."""
-    sizes = [len(ks) for ks in keyed]
-    flat = [k for ks in keyed for k in ks]
-    candidates: list[tuple[str, list[str]]] = []
-    for rule in _TRAINER_RULES:
-        decay, rest = trainer_groups(model, rule)
-        if len(sizes) == 2 and sizes == [len(decay), len(rest)]:
-            candidates.append(("trainer-groups", decay + rest))
-    in_order = [n for n, p in model.named_parameters()]
-    candidates.append(("parameter-order", in_order))
-    fits: list[tuple[str, list[str]]] = []
-    first_problem: str | None = None
-    for method, order in candidates:
-        problem = _order_problem(flat, order, state, shapes, method, source)
-        if problem is None:
-            if all(order != o for _, o in fits):
-                fits.append((method, order))
-        elif first_problem is None:
-            first_problem = problem
-    if not fits:
-        raise UserError(first_problem or f"{source}: the optimizer state does not fit this model")
-    if len(fits) > 1:
-        trainer = [f for f in fits if f[0] == "trainer-groups"]
-        if trainer_hint and len(trainer) == 1:
-            return trainer[0]
-        (m1, o1), (m2, o2) = fits[0], fits[1]
-        i = next(j for j, (a, b) in enumerate(zip(o1, o2)) if a != b)
-        raise UserError(f"{source}: ambiguous optimizer state: entry {flat[i]} is '{o1[i]}' {_fmt(shapes[o1[i]])} by {m1} "
-                        f"but '{o2[i]}' {_fmt(shapes[o2[i]])} by {m2}; save the optimizer with named parameters")
-    return fits[0]
-
-
-def _order_problem(flat: list[Any], order: list[str], state: Mapping, shapes: dict[str, tuple[int, ...]],
-                   method: str, source: str) -> str | None:
-    """Why the state does not fit `order` (count, then the first shape mismatch), or None."""
-    if len(flat) != len(order):
-        return (f"{source}: optimizer state lists {len(flat)} parameters, the model has {len(order)} "
-                f"({method}); the state does not belong to this model")
-    for key, name in zip(flat, order):
-        problem = _shape_problem(state.get(key), shapes[name])
-        if problem:
-            return (f"{source}: optimizer state entry {key} (mapped by {method} to '{name}') has {problem[0]} of shape "
-                    f"{_fmt(problem[1])}; the parameter is {_fmt(shapes[name])}")
-    return None
-
-
-def _expected_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The shape a known state tensor has for a parameter of `shape` (None: not a known key)."""
-    if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "variance", "sum", "square_avg",
-               "acc_delta", "exp_inf", "grad_avg", "prev", "ax"):
-        return shape
-    if len(shape) < 2:
-        return None
-    if key == "row_var":
-        return shape[:-1] + (1,)
-    if key == "col_var":
-        return shape[:-2] + (1, shape[-1])
-    if key == "exp_avg_sq_row":
-        return shape[:-1]
-    if key == "exp_avg_sq_col":
-        return shape[:-2] + shape[-1:]
-    return None
-
-
-def _shape_problem(st: Mapping[str, Any] | None, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
-    """(key, its shape) of the first known tensor that does not fit a parameter of `shape`."""
-    if not st:
-        return None
-    for key, value in st.items():
-        if not torch.is_tensor(value) or value.dim() == 0 or value.numel() == 0:
-            continue
-        want = _expected_shape(key, shape)
-        if want is not None and tuple(value.shape) != want:
-            return key, tuple(value.shape)
-    return None
-
-
-# --- Trainer's groups ---------------------------------------------------------------------------
-
-
-def _layernorm_like(module: nn.Module, with_rmsnorm: bool) -> bool:
-    if isinstance(module, nn.LayerNorm):
-        return True
-    return with_rmsnorm and type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
-#: (no-decay name patterns, modules whose parameters never decay count RMSNorm-like classes too)
-_TRAINER_RULES = (
-    ("patterns", False),  # transformers ≥ 4.47: get_decay_parameter_names with name patterns
-    ("bias", False),  # earlier: LayerNorm modules and names containing "bias"
-    ("bias", True),  # earlier, with a model that registered its RMSNorm as LayerNorm-like
-)
-
-
-def trainer_groups(model: nn.Module, rule: tuple[str, bool] = _TRAINER_RULES[0]) -> tuple[list[str], list[str]]:
-    """(weight-decay names, other names) as HF Trainer's `create_optimizer` groups trainable parameters."""
-    names_by_kind, rmsnorm = rule
-    under_norm: set[str] = set()
-    for mod_name, module in model.named_modules():
-        if mod_name and _layernorm_like(module, rmsnorm):
-            under_norm.update(f"{mod_name}.{n}" for n, _ in module.named_parameters(remove_duplicate=False))
-
-    def decays(name: str) -> bool:
-        low = name.lower()
-        if name in under_norm:
-            return False
-        if names_by_kind == "patterns":
-            return not any(p.search(low) for p in _NO_DECAY_PATTERNS)
-        return "bias" not in name
-
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if decays(name) else rest).append(name)  # a tied weight is judged by its first name, as Trainer does
-    return decay, rest
 
 
 # --- the optimizer ------------------------------------------------------------------------------
@@ -627,12 +343,3 @@ def _as_int(v: Any) -> int | None:
     return None
 
 
-def _first_shape(st: Mapping[str, Any] | None) -> tuple[int, ...] | None:
-    for v in (st or {}).values():
-        if torch.is_tensor(v) and v.dim() > 0:
-            return tuple(v.shape)
-    return None
-
-
-def _fmt(shape: Iterable[int] | None) -> str:
-    return "[" + ", ".join(str(int(s)) for s in (shape or ())) + "]"
