@@ -30,7 +30,7 @@ from tracestar.projection import Block
 from tracestar.refit import refit
 from tracestar.tracer import Tracer, finalize_vectors
 
-__all__ = ["BuildOptions", "Index", "Query", "build_index", "open_index", "query_file", "refit"]
+__all__ = ["BuildOptions", "Index", "Query", "build_index", "by_document", "open_index", "query_file", "refit"]
 
 
 class Index:
@@ -109,33 +109,74 @@ class Index:
         model_dir: str | Path | None = None,
         exact: bool = False,
         rerank: int | None = None,
+        by_doc: bool = False,
     ) -> list[dict]:
-        """Top-k proponents (descending score) and opponents (ascending) per query, in input order."""
+        """Top-k proponents (descending score) and opponents (ascending) per query, in input order.
+
+        Each hit is {"doc_id", "score"}; in an index built with --chunk-tokens a hit is a window,
+        with its "chunk" and token span "start", "end". `by_doc`: one hit per document instead, at
+        its best window (`by_document`).
+        """
         check_search_options(top_k, rerank)
         if not queries:
             return []
-        found = self.search_vectors(self.query_vectors(queries, model_dir), top_k, exact=exact, rerank=rerank)
-        ids = self.doc_ids
-        out = []
-        for qi, q in enumerate(queries):
-            out.append(
-                {
-                    "query_id": q.id,
-                    "prompt": q.prompt,
-                    "target": q.target,
-                    "proponents": [
-                        {"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.prop_rows[qi], found.prop_scores[qi])
-                    ],
-                    "opponents": [
-                        {"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.opp_rows[qi], found.opp_scores[qi])
-                    ],
-                }
-            )
-        return out
+        vectors = self.query_vectors(queries, model_dir)
+        if by_doc:
+            props, opps = by_document(self, vectors, top_k, exact=exact, rerank=rerank)
+        else:
+            props, opps = self.hits(self.search_vectors(vectors, top_k, exact=exact, rerank=rerank))
+        return [{"query_id": q.id, "prompt": q.prompt, "target": q.target, "proponents": props[qi], "opponents": opps[qi]}
+                for qi, q in enumerate(queries)]
+
+    def hits(self, found) -> tuple[list[list[dict]], list[list[dict]]]:
+        """(proponents, opponents) per query of a `SearchResult`, as result entries (`DocRow.hit`)."""
+        docs = self.store.docs
+
+        def entries(rows, scores) -> list[list[dict]]:
+            return [[docs[int(r)].hit(float(s)) for r, s in zip(rs, ss)] for rs, ss in zip(rows, scores)]
+
+        return entries(found.prop_rows, found.prop_scores), entries(found.opp_rows, found.opp_scores)
 
 
 def open_index(path: str | Path) -> Index:
     return Index(path)
+
+
+def by_document(index: Index, vectors: np.ndarray, top_k: int, *, exact: bool = False,
+                rerank: int | None = None) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(proponents, opponents) per query [Q, D] of `vectors`, one entry per document: a document
+    scores as its best window — the max over its windows for proponents, the min for opponents —
+    and its entry is that window's hit (`DocRow.hit`). `tracestar query --by-doc` calls this.
+
+    Why the answer is exact: the windows come back in score order, so once the top k' windows of
+    a side hold k distinct documents, those documents' best windows are among them, and no
+    document outside the list can beat the k'-th window. k' starts at 2k and doubles until every
+    query has k documents a side or k' covers the index. An index without chunking has one row per
+    document, and the answer is the plain search's.
+    """
+    check_search_options(top_k, rerank)
+    n_rows = index.store.n_rows
+    want = min(top_k, len({d.doc_id for d in index.store.docs}))
+    k = min(n_rows, 2 * top_k)
+    while True:
+        props, opps = index.hits(index.search_vectors(vectors, k, exact=exact, rerank=rerank))
+        props, opps = [_best_per_doc(h, want) for h in props], [_best_per_doc(h, want) for h in opps]
+        if k >= n_rows or all(len(h) >= want for h in props + opps):
+            return props, opps
+        k = min(n_rows, 2 * k)
+
+
+def _best_per_doc(hits: list[dict], k: int) -> list[dict]:
+    """The first hit of each document in ranked `hits` (its best window), the first `k` documents."""
+    seen: set[str] = set()
+    out = []
+    for h in hits:
+        if h["doc_id"] not in seen:
+            seen.add(h["doc_id"])
+            out.append(h)
+            if len(out) == k:
+                break
+    return out
 
 
 def check_search_options(top_k: int, rerank: int | None) -> None:
@@ -145,7 +186,8 @@ def check_search_options(top_k: int, rerank: int | None) -> None:
     check_int("--rerank", rerank, minimum=0, optional=True)
 
 
-def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False, rerank=None) -> list[dict]:
+def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False, rerank=None,
+               by_doc: bool = False) -> list[dict]:
     """`tracestar query`: read QUERIES.jsonl, write RESULTS.jsonl (one object per query, input order).
 
     Under torchrun each rank scans its own shards and the lists are merged; rank 0 writes the file.
@@ -153,7 +195,7 @@ def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path,
     check_search_options(top_k, rerank)
     queries = read_queries(queries_path)
     dist.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
-    results = open_index(index_dir).query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank)
+    results = open_index(index_dir).query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank, by_doc=by_doc)
     if dist.rank() == 0:
         write_jsonl(out, results)
     dist.barrier()

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tracestar import __version__, dist, files
 import numpy as np
 
+from tracestar import __version__, dist, files
 from tracestar.batching import Example, encode_chunks, encode_document
 from tracestar.capture import FactoredCapture
 from tracestar.corpus import (

@@ -160,7 +160,8 @@ def _run_query(args) -> int:
 
     from tracestar.index.store import IndexStore
 
-    results = query_file(args.index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank)
+    results = query_file(args.index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank,
+                         by_doc=args.by_doc)
     searched = _searched(IndexStore(args.index), exact=args.exact, rerank=args.rerank)
     print(f"{len(results)} queries → {args.out}; searched: {searched}")
     return 0
@@ -303,7 +304,8 @@ def _run_explain(args) -> int:
         if args.target is None:
             raise UserError("--prompt needs --target")
         query = Query("cli", args.prompt or "", args.target)
-    att = explain(args.index, args.doc_id, query=query, queries_path=args.queries, query_id=args.query_id, model_dir=args.model)
+    att = explain(args.index, args.doc_id, query=query, queries_path=args.queries, query_id=args.query_id, model_dir=args.model,
+                  chunk=args.chunk)
     print(json.dumps(att.to_json(), ensure_ascii=False) if args.json else att.to_text())
     return 0
 

@@ -61,7 +61,7 @@ def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] 
     return {"r_refit": r_refit, "vectors": written}
 
 
-def _final_vectors(out: Path, precond: Preconditioner, layout: "ShardLayout", opts: BuildOptions,
+def _final_vectors(out: Path, precond: Preconditioner, layout: ShardLayout, opts: BuildOptions,
                    timer: PhaseTimer) -> list[int]:
     """Write unit(R^{-1/2} g) for this rank's shards not yet done with this R; returns their numbers."""
     precond_sha = files.sha256_file(out / writer.PRECONDITIONER)
@@ -84,7 +84,7 @@ def _final_vectors(out: Path, precond: Preconditioner, layout: "ShardLayout", op
     return todo
 
 
-def _fit_preconditioner(out: Path, base: dict, layout: "ShardLayout", opts: BuildOptions, queries: list[Query] | None,
+def _fit_preconditioner(out: Path, base: dict, layout: ShardLayout, opts: BuildOptions, queries: list[Query] | None,
                         query_capture, tracer, timer: PhaseTimer) -> tuple[Preconditioner, bool]:
     """(R^{-1/2}, whether it was fitted now): reused when its inputs are unchanged, else fitted."""
     path, info_path = out / writer.PRECONDITIONER, out / writer.PRECONDITIONER_INFO
@@ -122,7 +122,7 @@ def _fit_preconditioner(out: Path, base: dict, layout: "ShardLayout", opts: Buil
     return Preconditioner.load(path, json.loads(info_path.read_text())), True
 
 
-def r_sample(layout: "ShardLayout", opts: BuildOptions) -> np.ndarray:
+def r_sample(layout: ShardLayout, opts: BuildOptions) -> np.ndarray:
     """The sorted rows R_train's statistics read: a seeded sample of the rows whose gradient is finite.
 
     Without a flagged row this is `sample_rows` of all rows, as it always was; a flagged row is
@@ -132,7 +132,7 @@ def r_sample(layout: "ShardLayout", opts: BuildOptions) -> np.ndarray:
     return usable[sample_rows(len(usable), min(len(usable), opts.fit_docs or 10_000), opts.seed, 2)]
 
 
-def _r_inputs(out: Path, opts: BuildOptions, sample: np.ndarray, layout: "ShardLayout") -> str:
+def _r_inputs(out: Path, opts: BuildOptions, sample: np.ndarray, layout: ShardLayout) -> str:
     """sha256 of everything R depends on: its options, the bytes of the raw shards its sample
     reads (from their verified sidecars), and the eval queries' file. Equal ⇒ R can be reused."""
     n_shards = layout.n_shards
@@ -163,7 +163,7 @@ def _reusable_preconditioner(out: Path, inputs: str) -> Preconditioner | None:
         return None
 
 
-def _train_stats(out: Path, ranges, sample: np.ndarray, layout: "ShardLayout", opts: BuildOptions) -> RStats:
+def _train_stats(out: Path, ranges, sample: np.ndarray, layout: ShardLayout, opts: BuildOptions) -> RStats:
     """Σ g gᵀ over the sampled raw rows of this rank's shards, all-reduced."""
     train = RStats(ranges)
     mine = [s for s in range(layout.n_shards) if owns(s)]
@@ -225,7 +225,7 @@ class ShardLayout:
     nonfinite: np.ndarray  # [f] int64 sorted global rows
 
     @classmethod
-    def read(cls, out: Path, n_shards: int) -> "ShardLayout":
+    def read(cls, out: Path, n_shards: int) -> ShardLayout:
         starts, rows, bad = [], [], []
         for s in range(n_shards):
             info = writer.read_sidecar(out, writer.RAW, s)

@@ -232,6 +232,8 @@ class QueryOptions:
     exact: bool = _opt(False, "scan the full-precision vectors even if a compressed form exists")
     rerank: int | None = _opt(None, "candidates re-scored exactly when searching a compressed form; 0: keep the "
                                     "compressed scores (default: 10 × top-k, at least 100)")
+    by_doc: bool = _opt(False, "one hit per document in an index built with --chunk-tokens: a document scores as its "
+                               "best window (max for proponents, min for opponents), shown with that window's span")
 
 
 @dataclass
@@ -252,6 +254,8 @@ class ExplainOptions:
     queries: str | None = _opt(None, "QUERIES.jsonl holding --query-id")
     prompt: str | None = _opt(None, "the query's prompt (with --target, instead of --queries/--query-id)")
     target: str | None = _opt(None, "the completion whose support is explained; only its tokens are scored")
+    chunk: int | None = _opt(None, "the window of --doc-id to explain, in an index built with --chunk-tokens (a "
+                                   "hit's `chunk`; needed when the document has several)")
     model: str | None = _opt(None, "model directory (default: the manifest's)")
     json: bool = _opt(False, "print {doc_id, doc_score, position_convention, tokens: [{position, token, score, "
                              "special}]}")

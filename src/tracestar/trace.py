@@ -198,16 +198,15 @@ def piece_vectors(index, pieces: Sequence[Piece]) -> np.ndarray:
 
 def search_pieces(index, pieces: Sequence[Piece], vectors: np.ndarray, top_k: int) -> list[dict]:
     """`query`-shaped results of the pieces (one scan for all of them)."""
-    found = index.search_vectors(vectors, top_k)
-    ids = index.doc_ids
+    props, opps = index.hits(index.search_vectors(vectors, top_k))  # a window's hit carries its span
     out = []
     for qi, p in enumerate(pieces):
         res = {
             "query_id": p.query_id,
             "prompt": p.prompt,
             "target": p.target,
-            "proponents": [{"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.prop_rows[qi], found.prop_scores[qi])],
-            "opponents": [{"doc_id": ids[int(r)], "score": float(s)} for r, s in zip(found.opp_rows[qi], found.opp_scores[qi])],
+            "proponents": props[qi],
+            "opponents": opps[qi],
         }
         if p.position is not None:
             res["position"] = p.position
@@ -221,15 +220,16 @@ def explain_results(index, pieces: Sequence[Piece], vectors: np.ndarray, results
     pass per distinct document, whichever pieces retrieved it. Adds `snippet` and `tokens` to each hit."""
     from tracestar.corpus import Query
     from tracestar.explain import explain_pairs
+    from tracestar.report.hits import hit_key
 
     queries = {p.query_id: Query(p.query_id, p.prompt, p.target) for p in pieces}
-    pairs = [(queries[r["query_id"]], h["doc_id"]) for r in results for key in ("proponents", "opponents") for h in r[key]]
+    pairs = [(queries[r["query_id"]], hit_key(h)) for r in results for key in ("proponents", "opponents") for h in r[key]]
     vecs = {p.query_id: vectors[i] for i, p in enumerate(pieces)}
     found = explain_pairs(index, pairs, texts=texts, query_vectors=vecs)
     for r in results:
         for key, sign in (("proponents", 1.0), ("opponents", -1.0)):
             for h in r[key]:
-                att = found.get((r["query_id"], h["doc_id"]))
+                att = found.get((r["query_id"], hit_key(h)))
                 if att is not None:
                     h["snippet"] = snippet(att.tokens, att.special, sign=sign)
                     h["tokens"] = att.to_json()["tokens"]

@@ -109,11 +109,27 @@ def _doc_entry(
     return (
         f'<li class="hit"><details{" open" if open_ else ""}><summary>'
         f'<span class="rank">{rank}</span>'
-        f'<span class="docid" title="{escape(doc_id)}">{escape(doc_id)}</span>'
+        f'<span class="docid" title="{escape(doc_id)}">{escape(doc_id)}</span>{_span_label(item)}'
         f"{_bar(score, scale)}"
         f'<span class="score">{escape(fmt_score(score))}</span>{extra}<span class="mark">{badge}</span>'
         f"</summary>{body}</details></li>"
     )
+
+
+def _span_label(item: Mapping[str, Any]) -> str:
+    """A window's place in its document (index built with --chunk-tokens), e.g. "#2 tokens 256–512"."""
+    if item.get("chunk") is None:
+        return ""
+    where = f"chunk {item['chunk']}: tokens {item.get('start')}–{item.get('end')}"
+    return (f'<span class="span" title="{escape(where + " of the document (the text below is the whole document)")}">'
+            f'#{escape(item["chunk"])} [{escape(item.get("start"))}, {escape(item.get("end"))})</span>')
+
+
+def hit_key(item: Mapping[str, Any]) -> str | tuple[str, int]:
+    """What a hit's per-token scores are keyed by (`explain_pairs` keys them so): its doc id, or
+    (doc id, chunk) for a window of an index built with --chunk-tokens (`DocRow.key`)."""
+    doc_id = str(item.get("doc_id"))
+    return doc_id if item.get("chunk") is None else (doc_id, int(item["chunk"]))
 
 
 def doc_list(
@@ -136,7 +152,7 @@ def doc_list(
     for rank, item in enumerate(items, 1):
         toks = None
         if token_scores is not None:
-            toks = token_scores.get((query_id, str(item.get("doc_id"))))
+            toks = token_scores.get((query_id, hit_key(item)))
         rows.append(
             _doc_entry(
                 rank, item, docs, toks, scale, marks=marks, open_=rank <= open_first,

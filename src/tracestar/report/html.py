@@ -204,6 +204,7 @@ def _explain_all(
         from tracestar.api import open_index
         from tracestar.corpus import Query
         from tracestar.explain import explain_pairs
+        from tracestar.report.hits import hit_key
 
         index = open_index(index_dir)
     except Exception as exc:  # noqa: BLE001 - explain is optional for the report
@@ -214,7 +215,7 @@ def _explain_all(
         if res.get("prompt") is None or res.get("target") is None:
             continue
         query = Query(id=str(res["query_id"]), prompt=res["prompt"], target=res["target"])
-        pairs += [(query, str(hit["doc_id"])) for hit in res.get("proponents") or []]
+        pairs += [(query, hit_key(hit)) for hit in res.get("proponents") or []]
     failed: list[str] = []
 
     def on_error(doc_id: str, exc: Exception) -> None:

@@ -30,6 +30,7 @@ main{flex:1;height:100vh;overflow-y:auto;padding:16px 24px 64px}
 .cols{display:grid;grid-template-columns:minmax(0,1fr);gap:16px}
 .cols.two{grid-template-columns:minmax(0,2fr) minmax(0,1fr)}
 .cols.two .col+.col .docid{width:9em}
+.span{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px;color:#666;flex:none;margin-right:.5em}
 .col h3{font-size:13px;text-transform:uppercase;letter-spacing:.04em;color:#556;margin:8px 0 4px}
 ol.hits{list-style:none;margin:0;padding:0}
 .hit{border-top:1px solid #eef0f3}
