@@ -59,6 +59,11 @@ def replacing(path: str | Path) -> Iterator[Path]:
             os.close(fd)
         before_replace(tmp, target)
         os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename in (None, str(tmp)):  # a full disk fails in write() or fsync(), which name no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -116,6 +121,23 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     folded = {"tracestar": json.dumps(metadata, sort_keys=True)} if metadata else None
     with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=folded)
+
+
+def remove_temporaries(root: str | Path, name: str = "*") -> int:
+    """Delete the temporary files (of targets matching `name`) that killed writers left anywhere
+    under `root`; returns how many.
+
+    Only for places where no other writer of `root` runs (a command's start), so every temporary
+    file there is a dead process's: a file is finished only under its final name, and without
+    this its temporaries would stay forever.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    leftovers = [p for p in root.rglob(f"{name}{TMP_MARK}*") if p.is_file()]
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

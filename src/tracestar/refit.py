@@ -16,7 +16,7 @@ from tracestar.corpus import read_queries
 from tracestar.errors import IndexStoreError, UserError
 from tracestar.finalize import describe_work, finalize
 from tracestar.index import writer
-from tracestar.index.store import read_manifest
+from tracestar.index.store import IndexStore
 from tracestar.normalizer import Normalizer
 from tracestar.options import BuildOptions
 from tracestar.progress import PhaseTimer, say
@@ -48,7 +48,7 @@ def refit(
     """
     src, out = Path(index_dir), Path(out)
     timer = PhaseTimer()
-    manifest = read_manifest(src)
+    manifest = IndexStore(src).manifest  # V, the doc table and the sidecars verified: they are linked as they are
     build_file = src / writer.BUILD_FILE
     if not build_file.is_file():
         raise IndexStoreError(f"{src}: no {writer.BUILD_FILE} (the arguments it was built with), so it cannot be refitted")

@@ -8,6 +8,7 @@ from typing import Any
 
 from tracestar.evaluate.metrics import sort_buckets
 from tracestar.evaluate.summary import method_label, methods_of
+from tracestar.files import replacing
 
 
 def plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
@@ -36,7 +37,8 @@ def plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_ylim(0, 1)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "attribution_by_bucket.png", dpi=110)
+        with replacing(out / "attribution_by_bucket.png") as tmp:  # a killed run leaves no half-written plot
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append("attribution_by_bucket.png")
     tp_methods = [m for m in methods_of(metrics) if metrics[m].get("tailpatch")]
@@ -53,7 +55,8 @@ def plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_title(f"Tail-patch: {title}")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "tailpatch.png", dpi=110)
+        with replacing(out / "tailpatch.png") as tmp:  # a killed run leaves no half-written plot
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append("tailpatch.png")
     return written

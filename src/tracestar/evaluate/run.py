@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 from tracestar.corpus import Query, read_queries, write_jsonl
 from tracestar.errors import OptionError, check_float, check_int
-from tracestar.files import write_json
+from tracestar.files import remove_temporaries, write_json, write_text
 from tracestar.evaluate.metrics import attribution_metrics, relevant_ids, sort_buckets
 from tracestar.options import DEFAULT_KS
 from tracestar.evaluate.summary import (  # noqa: F401 (format_table, methods_of, method_label: re-exported)
@@ -187,6 +187,7 @@ def evaluate(
 
     idx = open_index(index_dir)
     out.mkdir(parents=True, exist_ok=True)  # once the inputs are known to be readable: a typo writes nothing
+    remove_temporaries(out)  # what a killed evaluation left
     manifest = idx.manifest
     model_dir = Path(model_dir) if model_dir is not None else Path(manifest["model"]["path"])
     corpus = manifest.get("corpus") or {}
@@ -297,5 +298,5 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics, ensure_ascii=False)
     pngs = plot(metrics, out)
-    (out / "report.md").write_text(to_markdown(summary(metrics, pngs)))
+    write_text(out / "report.md", to_markdown(summary(metrics, pngs)))
     return out / "report.md"

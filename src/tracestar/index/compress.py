@@ -33,7 +33,9 @@ from tracestar.index.int8 import Groups, whole_row
 from tracestar.index.pq import faiss_module
 from tracestar.index.store import IndexStore, as_float32, read_manifest
 from tracestar.index.writer import (
+    COMPRESSED_DIR,
     COMPRESSED_FORMS,
+    MANIFEST,
     INT8_DIR,
     PQ_FILE,
     VECTORS,
@@ -309,6 +311,9 @@ def compress(
     store = IndexStore(index_dir)
     if not store.has_kind(VECTORS):
         raise IndexStoreError(f"{index_dir}: no vectors/ shards to compress (already dropped?)")
+    # What a killed compress left: its forms' and the manifest's temporary files.
+    files.remove_temporaries(Path(index_dir) / COMPRESSED_DIR)
+    files.remove_temporaries(index_dir, MANIFEST)
     t0 = time.perf_counter()
     if kind == "int8":
         entry = _compress_int8(store, verify=verify)

@@ -14,14 +14,23 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 import numpy as np
 
 from tracestar.errors import IndexStoreError, UserError
 from tracestar.files import sha256_file
-from tracestar.index.writer import COMPRESSED_FORMS, DOCS, FORMAT_VERSION, KINDS, MANIFEST, shard_path
+from tracestar.index.writer import (
+    COMPRESSED_FORMS,
+    DOCS,
+    FORMAT_VERSION,
+    KINDS,
+    MANIFEST,
+    MANIFEST_DIGEST,
+    manifest_digest,
+    shard_path,
+)
 
 
 def read_manifest(index_dir: str | Path) -> dict:
@@ -31,13 +40,67 @@ def read_manifest(index_dir: str | Path) -> dict:
     if not path.exists():
         raise IndexStoreError(f"{index_dir}: not a tracestar index (no {MANIFEST}; an unfinished build?)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
-        raise IndexStoreError(f"{path}: unreadable manifest ({exc.msg})") from None
+        raise IndexStoreError(f"{path}: unreadable manifest ({exc.msg}); rerun the build to repair it") from None
+    except UnicodeDecodeError:
+        raise IndexStoreError(f"{path}: unreadable manifest (not UTF-8); rerun the build to repair it") from None
+    if not isinstance(manifest, dict):
+        raise IndexStoreError(f"{path}: unreadable manifest (not a JSON object); rerun the build to repair it")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise IndexStoreError(f"{path}: format_version {version!r}, this tracestar reads {FORMAT_VERSION}")
+    _check_digest(path, manifest)
+    _check_paths(path, manifest)
     return manifest
+
+
+def _check_digest(path: Path, manifest: dict) -> None:
+    """Refuse a manifest whose content no longer matches its own sha256.
+
+    Every manifest that lists `checksums` is written with its digest, so one without it has lost
+    it (a flipped bit in the key's name) and is refused too; hand-made manifests of tests and
+    older indexes list no checksums and are read as they are.
+    """
+    digest = manifest.get(MANIFEST_DIGEST)
+    if digest is None and "checksums" not in manifest:
+        return
+    if digest != manifest_digest(manifest):
+        raise IndexStoreError(f"{path}: checksum mismatch — the manifest is corrupted; rerun the build to repair it")
+
+
+def _check_paths(path: Path, manifest: dict) -> None:
+    """Refuse a manifest that names a file outside its index directory (`../x`, an absolute path).
+
+    Reading such a file would vouch for another directory's bytes, and a repair deletes damaged
+    files by these names; so neither reads nor deletes outside the index.
+    """
+    for field, rel in _named_paths(manifest):
+        if not _inside(rel):
+            raise IndexStoreError(f"{path}: {field} names {rel!r}, outside the index directory; refusing it")
+
+
+def _named_paths(manifest: dict) -> Iterator[tuple[str, object]]:
+    """(field, relative path) of every file name the manifest gives."""
+    for i, info in enumerate(manifest.get("shards") or []):
+        yield f"shards[{i}].name", info.get("name") if isinstance(info, dict) else info
+    for rel in manifest.get("checksums") or {}:
+        yield "checksums", rel
+    for key, rel in (manifest.get("files") or {}).items():
+        yield f"files.{key}", rel
+    for form, entry in (manifest.get("compressed") or {}).items():
+        if isinstance(entry, dict) and "path" in entry:
+            yield f"compressed.{form}.path", entry["path"]
+        for i, info in enumerate(entry.get("shards") or [] if isinstance(entry, dict) else []):
+            yield f"compressed.{form}.shards[{i}].name", info.get("name") if isinstance(info, dict) else info
+
+
+def _inside(rel: object) -> bool:
+    """Whether `rel` is a relative path that stays inside the directory it is joined to."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return False
+    pure = PurePosixPath(rel)
+    return not pure.is_absolute() and ".." not in pure.parts and not PureWindowsPath(rel).drive
 
 
 @dataclass
@@ -79,11 +142,10 @@ def read_doc_table(index_dir: str | Path) -> list[DocRow]:
     return rows
 
 
-def hit_key(hit: dict) -> str | tuple[str, int]:
-    """`DocRow.key` of a result entry: its doc id, or (doc id, chunk) for a chunk's."""
-    doc_id = str(hit.get("doc_id"))
-    return doc_id if hit.get("chunk") is None else (doc_id, int(hit["chunk"]))
-
+#: How a refused file is named in the error (anything else in `checksums` is a sidecar or a "file").
+_LISTED_WHAT = {"normalizer.safetensors": "normalizer (V)", "normalizer.json": "normalizer description",
+                "preconditioner.safetensors": "preconditioner (R)", "preconditioner.json": "preconditioner description",
+                DOCS: "doc table"}
 
 # Shard memory maps a store keeps open for `gather` (each holds a file descriptor).
 _MAPS_KEPT = 64
@@ -107,6 +169,19 @@ class IndexStore:
         self._verified: set[tuple[str, str]] = set()  # (file, sha256) checked against the manifest
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # recently gathered shards
         self._maps_lock = threading.Lock()  # `gather` runs on several threads at once
+        self.verify_listed()
+
+    def verify_listed(self) -> None:
+        """Check every file of the manifest's `checksums` (V, R, their descriptions, the doc table,
+        the shards' sidecars) before anything reads one.
+
+        These are small beside the shards (which are checked when a search first reads them), and
+        V, R and the doc table are read whole by every query; a sidecar no query reads is still a
+        damaged index, which is refused rather than half trusted.
+        """
+        for rel, sha in sorted((self.manifest.get("checksums") or {}).items()):
+            self.verify_file(self.path / rel, sha, what=_LISTED_WHAT.get(rel, "shard sidecar" if "/" in rel else "file"),
+                             remedy="rerun the `tracestar index` command that built it to repair it")
 
     @property
     def dim(self) -> int:

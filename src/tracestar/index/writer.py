@@ -20,6 +20,7 @@ Only the owner rank of a shard writes it or clears what an interrupted writer le
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,6 +122,35 @@ def any_sidecar(out: Path, kind: str) -> bool:
     return (out / kind).is_dir() and any((out / kind).glob("shard-*.json"))
 
 
+# --- raw shards as `--raw-dtype` keeps them ------------------------------------------------------
+#
+# float32 (the default, the bytes every index had), bfloat16 (uint16 bit patterns, half the bytes;
+# R and the final vectors are computed from these rows) or none (float32 until the final vectors
+# are written, then the .npy files are deleted; their sidecars stay, since the doc table and the
+# shard layout are read from them, and the manifest lists no raw shard).
+
+
+def encode_raw(raw: np.ndarray, raw_dtype: str) -> np.ndarray:
+    """[N, D] float32 raw vectors as a raw shard stores them."""
+    from tracestar.index.store import encode_dtype
+
+    return encode_dtype(raw, "bfloat16") if raw_dtype == "bfloat16" else raw
+
+
+def load_raw(out: Path, shard_no: int, raw_dtype: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """[N, D] float32 rows of one raw shard (all, or the local `rows` [N]), decoded from `raw_dtype`."""
+    from tracestar.index.store import as_float32
+
+    stored = np.load(shard_path(out, RAW, shard_no), mmap_mode="r")
+    block = np.asarray(stored if rows is None else stored[rows])
+    return as_float32(block, "bfloat16") if raw_dtype == "bfloat16" else np.asarray(block, dtype=np.float32)
+
+
+def drop_raw(out: Path, shard_no: int) -> None:
+    """Delete one raw shard's vectors (`--raw-dtype none`), keeping its sidecar."""
+    shard_path(out, RAW, shard_no).unlink(missing_ok=True)
+
+
 # --- the output directory ------------------------------------------------------------------------
 
 
@@ -145,7 +175,11 @@ def prepare_dir(out: Path, identity: dict, overwrite: bool) -> str:
             raise UserError(
                 f"{out}: holds a build with different arguments ({', '.join(changed)}); use another --out or --overwrite"
             )
-        return "built" if (out / MANIFEST).exists() else "resume"
+        state = "built" if (out / MANIFEST).exists() else "resume"
+        if dist.rank() == 0:
+            files.remove_temporaries(out)  # what killed writers left; no rank writes before they are gone
+        dist.barrier()
+        return state
     dist.barrier()
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -215,9 +249,21 @@ def verify_source_raw(src: Path, out: Path, manifest: dict, quiet: bool) -> None
 # --- the manifest --------------------------------------------------------------------------------
 
 
+#: The manifest's own checksum: nothing else vouches for the file that vouches for the others.
+MANIFEST_DIGEST = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own digest (sorted compact JSON, so the
+    layout on disk does not matter). A flipped bit anywhere in the file changes it."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(index_dir: str | Path, manifest: dict) -> None:
     manifest = dict(manifest)
     manifest.setdefault("format_version", FORMAT_VERSION)
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     files.write_json(Path(index_dir) / MANIFEST, manifest)
 
 
@@ -284,8 +330,9 @@ def _write_doc_table(out: Path, n_shards: int) -> tuple[list[dict], dict]:
         for shard_no in range(n_shards):
             raw_info = read_sidecar(out, RAW, shard_no)
             vec_info = read_sidecar(out, VECTORS, shard_no)
+            kept = shard_path(out, RAW, shard_no).exists()  # not with --raw-dtype none: no raw shard is listed
             shards.append({"name": shard_name(shard_no), "start": raw_info["start"], "rows": raw_info["rows"],
-                           "raw_sha256": raw_info["sha256"], "vectors_sha256": vec_info["sha256"]})
+                           "raw_sha256": raw_info["sha256"] if kept else None, "vectors_sha256": vec_info["sha256"]})
             for doc_id, toks, trunc, *extra in raw_info["docs"]:
                 more = extra[0] if extra else {}
                 yield {"row": row, "doc_id": doc_id, "n_tokens": toks, "truncated": trunc, **more}
@@ -378,7 +425,8 @@ def _listed_files(out: Path, manifest: dict) -> list[tuple[str, str]]:
     doc table, compressed forms. Manifests written before `checksums` existed list the shards only."""
     listed = []
     for info in manifest["shards"]:
-        listed.append((f"{RAW}/{info['name']}.npy", info["raw_sha256"]))
+        if info.get("raw_sha256"):  # None when built with --raw-dtype none
+            listed.append((f"{RAW}/{info['name']}.npy", info["raw_sha256"]))
         if info.get("vectors_sha256"):  # None once `compress --drop-exact` removed them
             listed.append((f"{VECTORS}/{info['name']}.npy", info["vectors_sha256"]))
     listed += sorted((manifest.get("checksums") or {}).items())
@@ -426,6 +474,6 @@ def _remove_damaged(out: Path, manifest: dict, damaged: list[tuple[str, str]], q
             doomed |= {r for r, f in forms.items() if f == form}
             manifest.get("compressed", {}).pop(form, None)
             say(quiet, f"{out}: compressed form {form} dropped; run `tracestar compress --index {out} --kind {form}` again")
+    (out / MANIFEST).unlink(missing_ok=True)  # first: from here on a reader finds an unfinished build
     for rel in sorted(doomed):
         (out / rel).unlink(missing_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
