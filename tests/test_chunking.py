@@ -76,7 +76,7 @@ def test_doc_table_records_each_window_and_covers_each_document(world, chunked):
     assert sum(s["rows"] for s in m["shards"]) == len(rows) and len(m["shards"]) == 3  # 2 documents a shard
     # sidecars hold the same spans the doc table does
     side = json.loads((chunked["index"] / "raw" / "shard-00001.json").read_text())
-    first = [r for r in rows if r["doc_id"] == "long2"][0]
+    first = next(r for r in rows if r["doc_id"] == "long2")
     assert side["start"] == first["row"] and side["docs"][0] == ["long2", N, False, {"chunk": 0, "start": 0, "end": N}]
 
 

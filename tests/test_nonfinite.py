@@ -21,7 +21,7 @@ from tracestar.corpus import read_queries
 
 TEXTS = FACTS + FILLER
 BAD = 3  # the row (and corpus line) whose gradient is poisoned
-OPTIONS = dict(proj_dim=1024, r_block=256, shard_docs=4, preconditioner="train", device="cpu")
+OPTIONS = {"proj_dim": 1024, "r_block": 256, "shard_docs": 4, "preconditioner": "train", "device": "cpu"}
 
 
 def _poison(monkeypatch, row: int) -> list[int]:
