@@ -105,8 +105,19 @@ class Child:
 
 def run_cli(argv: list[str], log: Path, kill_after: float | None = None) -> Child:
     """`tracestar ARGV` in a forked child; SIGKILL it `kill_after` seconds after the fork (unless it ended)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    pid = spawn_cli(argv, log)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.kill(pid, signal.SIGKILL)  # an already finished child is an unreaped zombie: harmless
+    _, status = os.waitpid(pid, 0)
+    rc = None if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return Child(rc, time.monotonic() - t0, log.read_text(errors="replace"))
+
+
+def spawn_cli(argv: list[str], log: Path) -> int:
+    """Fork a child that runs `tracestar ARGV` on one torch thread, its output to `log`; its pid."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 70
@@ -128,12 +139,7 @@ def run_cli(argv: list[str], log: Path, kill_after: float | None = None) -> Chil
             traceback.print_exc()
             sys.stdout.flush()
         os._exit(code)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        os.kill(pid, signal.SIGKILL)  # an already finished child is an unreaped zombie: harmless
-    _, status = os.waitpid(pid, 0)
-    rc = None if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    return Child(rc, time.monotonic() - t0, log.read_text(errors="replace"))
+    return pid
 
 
 def refusal(child: Child) -> str | None:
