@@ -213,20 +213,29 @@ def test_refit_keeps_the_windows(chunked, tmp_path):
     assert (out / "docs.jsonl").read_text() == (chunked["index"] / "docs.jsonl").read_text()
 
 
-@pytest.mark.parametrize("args,option", [
-    (["--chunk-tokens", "1"], "--chunk-tokens"),
-    (["--chunk-tokens", "8", "--chunk-stride", "9"], "--chunk-stride"),
-    (["--chunk-tokens", "8", "--chunk-stride", "0"], "--chunk-stride"),
-    (["--chunk-stride", "4"], "--chunk-stride"),
-    (["--chunk-tokens", "600"], "--chunk-tokens"),  # longer than --max-length (512)
-    (["--chunk-tokens", "100", "--max-length", "128"], "--chunk-tokens"),  # longer than the model's window (64)
+@pytest.mark.parametrize("kw,option", [
+    ({"chunk_tokens": 1}, "--chunk-tokens"),
+    ({"chunk_tokens": 8, "chunk_stride": 9}, "--chunk-stride"),
+    ({"chunk_tokens": 8, "chunk_stride": 0}, "--chunk-stride"),
+    ({"chunk_stride": 4}, "--chunk-stride"),
+    ({"chunk_tokens": 600}, "--chunk-tokens"),  # longer than --max-length (512)
+    ({"chunk_tokens": 100, "max_length": 128}, "--chunk-tokens"),  # longer than the model's window (64)
 ])
-def test_bad_chunk_options_are_one_line_and_leave_nothing(world, tmp_path, args, option):
+def test_bad_chunk_options_are_refused_before_anything_is_written(world, tmp_path, kw, option):
+    out = tmp_path / "index"
+    with pytest.raises(OptionError) as refused:
+        build_index(world["model"], world["corpus"], out, proj_dim=256, device="cpu", quiet=True, **kw)
+    assert refused.value.option == option and "\n" not in str(refused.value)
+    assert not out.exists()
+
+
+def test_a_bad_chunk_option_is_one_line_on_the_command_line(world, tmp_path):
     out = tmp_path / "index"
     run = cli("index", "--model", str(world["model"]), "--corpus", str(world["corpus"]), "--out", str(out),
-              "--proj-dim", "256", "--device", "cpu", "--quiet", *args)
-    err = run.stderr
-    assert run.returncode == 2 and err.count("\n") == 1 and err.startswith(f"tracestar: error: {option}:"), err
+              "--chunk-tokens", "8", "--chunk-stride", "9")
+    assert run.returncode == 2 and run.stderr == (
+        "tracestar: error: --chunk-stride: must be between 1 and 8, got 9 (a larger stride would skip tokens between "
+        "windows)\n")
     assert not out.exists()
 
 
