@@ -212,7 +212,8 @@ def _raw_phase(tracer: Tracer, capture: FactoredCapture, corpus: Path, n_docs: i
                         "docs": [_doc_entry(docs[o].id, e, bool(b)) for o, e, b in zip(owners, examples, bad)]}
                 if pending is not None:
                     pending.result()  # at most one shard in flight: memory stays one shard deep
-                pending = background.submit(writer.write_done_shard, out, writer.RAW, shard_no, raw, info)
+                pending = background.submit(writer.write_done_shard, out, writer.RAW, shard_no,
+                                            writer.encode_raw(raw, opts.raw_dtype), info)
             if pending is not None:
                 pending.result()
         finally:

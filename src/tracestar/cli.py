@@ -125,7 +125,7 @@ _INDEX_OPTIONS = (
     "optimizer_state", "estimate_v_if_missing", "proj_dim", "blocks", "max_length", "chunk_tokens", "chunk_stride",
     "batch_tokens", "seed",
     "optimizer_correction", "unit_norm", "preconditioner", "eval_queries", "lam", "fit_docs", "damping", "variant",
-    "dtype", "shard_docs", "text_field", "id_field", "device", "autocast", "overwrite", "quiet",
+    "dtype", "raw_dtype", "shard_docs", "text_field", "id_field", "device", "autocast", "overwrite", "quiet",
 )
 
 

@@ -5,7 +5,11 @@
    reused when everything it depends on is unchanged (`_r_inputs`), so a resumed or repaired
    build refits it only when its inputs changed.
 4. final vectors: unit(R^{-1/2} g) in the stored dtype, for every shard not yet finished with
-   this R; then rank 0 writes the doc table and, last, the manifest (`index/writer.py`).
+   this R; with `--raw-dtype none` the raw shards are then deleted (their sidecars stay); then
+   rank 0 writes the doc table and, last, the manifest (`index/writer.py`).
+
+Raw rows are read as `--raw-dtype` stored them (`writer.load_raw`): with bfloat16, R and the final
+vectors are computed from the bf16-rounded rows, and the manifest's `raw_dtype` says so.
 """
 
 from __future__ import annotations
@@ -44,9 +48,14 @@ def finalize(out: Path, base: dict, opts: BuildOptions, *, queries: list[Query] 
     written = _final_vectors(out, precond, layout, opts, timer)
     n_shards = layout.n_shards
     dist.barrier()
+    if opts.raw_dtype == "none":  # every final vector is written: the raw shards have served
+        for shard_no in range(n_shards):
+            if owns(shard_no):
+                writer.drop_raw(out, shard_no)
+        dist.barrier()
     if dist.rank() == 0:
         fields = {"variant": opts.variant or _variant_name(opts), "unit_norm": opts.unit_norm, "dtype": opts.dtype,
-                  "preconditioner": precond.to_json()}
+                  "raw_dtype": opts.raw_dtype, "preconditioner": precond.to_json()}
         n_tokens, n_truncated = writer.finish(out, base, fields, n_shards, previous=previous, timer=timer, quiet=opts.quiet)
         chunking = base.get("chunking")
         rows = (f"{n_docs:,} windows of {chunking['n_documents']:,} documents" if chunking else f"{n_docs:,} documents")
@@ -72,7 +81,7 @@ def _final_vectors(out: Path, precond: Preconditioner, layout: ShardLayout, opts
         with timer.phase("final vectors"):
             for shard_no in todo:
                 writer.clear_partial(out, writer.VECTORS, shard_no)
-                raw = torch.from_numpy(np.load(writer.shard_path(out, writer.RAW, shard_no)))
+                raw = torch.from_numpy(writer.load_raw(out, shard_no, opts.raw_dtype))
                 final = finalize_vectors(raw, precond, opts.unit_norm).numpy()
                 with timer.phase("writes"):
                     writer.write_done_shard(out, writer.VECTORS, shard_no, encode_dtype(final, opts.dtype),
@@ -176,8 +185,7 @@ def _train_stats(out: Path, ranges, sample: np.ndarray, layout: ShardLayout, opt
             local = sample[(sample >= lo) & (sample < hi)] - lo
             if not len(local):
                 continue
-            raw = np.load(writer.shard_path(out, writer.RAW, shard_no), mmap_mode="r")
-            train.update(torch.from_numpy(np.asarray(raw[local])))
+            train.update(torch.from_numpy(writer.load_raw(out, shard_no, opts.raw_dtype, local)))
             if update is not None:
                 update(len(local))
     finally:

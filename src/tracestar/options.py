@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
 
 PRECONDITIONERS = ("none", "train", "mixed")
 DTYPES = ("float16", "bfloat16", "float32")
+RAW_DTYPES = ("float32", "bfloat16", "none")
 BLOCK_LAYOUTS = ("paper", "module")
 
 
@@ -88,6 +89,11 @@ class BuildOptions:
     # float16, or float32 when vectors are not unit-normalized (`resolved`)
     dtype: str | None = _opt(None, "stored vector dtype (default float16)", choices=DTYPES)
     shard_docs: int = _opt(1024, "documents per shard (default %(default)s)")
+    raw_dtype: str = _opt("float32", "how the raw (unpreconditioned) vectors are kept for refit and repair: float32; "
+                                     "bfloat16, half the bytes, and R and the final vectors are then computed "
+                                     "from the bf16 rows; or none, deleted once the final vectors are written "
+                                     "(no refit; a repair recomputes them) (default %(default)s)",
+                          choices=RAW_DTYPES)
     normalizer_docs: int = _opt(128)
     estimate_v_if_missing: bool = _opt(
         False, "when the optimizer state keeps no second moment (SGD, Lion), estimate V from the corpus "
@@ -126,6 +132,8 @@ class BuildOptions:
             o.device = "cuda" if torch.cuda.is_available() else "cpu"
         if o.autocast not in (None, "bfloat16"):
             raise UserError(f"unknown --autocast {o.autocast!r} (bfloat16)")
+        if o.raw_dtype not in RAW_DTYPES:
+            raise OptionError("--raw-dtype", f"unknown {o.raw_dtype!r} (float32, bfloat16 or none)")
         if o.blocks not in BLOCK_LAYOUTS:
             raise OptionError("--blocks", f"unknown layout {o.blocks!r} (paper or module)")
         if o.chunk_stride is not None and o.chunk_tokens is None:
@@ -176,6 +184,8 @@ class BuildOptions:
         skip = {"quiet", "overwrite", "device", "variant"}
         if self.chunk_tokens is None:  # an index without chunking records what it always did
             skip |= {"chunk_tokens", "chunk_stride"}
+        if self.raw_dtype == "float32":  # likewise an index with the default raw vectors
+            skip.add("raw_dtype")
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         for key in ("optimizer_state", "eval_queries"):
             if d[key]:

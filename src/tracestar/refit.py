@@ -49,6 +49,9 @@ def refit(
     src, out = Path(index_dir), Path(out)
     timer = PhaseTimer()
     manifest = IndexStore(src).manifest  # V, the doc table and the sidecars verified: they are linked as they are
+    if manifest.get("raw_dtype") == "none":
+        raise IndexStoreError(f"{src}: built with --raw-dtype none, so it kept no raw vectors to refit; rebuild it "
+                              f"with --raw-dtype float32 or bfloat16")
     build_file = src / writer.BUILD_FILE
     if not build_file.is_file():
         raise IndexStoreError(f"{src}: no {writer.BUILD_FILE} (the arguments it was built with), so it cannot be refitted")

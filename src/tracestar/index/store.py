@@ -242,9 +242,10 @@ class IndexStore:
             raise IndexStoreError(f"{self.path}: no {kind}/ shards in this index{why}")
 
     def stored_dtype(self, kind: str) -> str:
-        """How `kind` rows are stored: raw rows are float32; final vectors the manifest's dtype."""
+        """How `kind` rows are stored: raw rows as --raw-dtype kept them (float32 before it existed);
+        final vectors the manifest's dtype."""
         if kind == "raw":
-            return "float32"
+            return str(self.manifest.get("raw_dtype", "float32"))
         return str(self.manifest.get("dtype", "float16"))
 
     def check_queries(self, queries: np.ndarray) -> np.ndarray:

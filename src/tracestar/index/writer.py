@@ -141,8 +141,8 @@ def load_raw(out: Path, shard_no: int, raw_dtype: str, rows: np.ndarray | None =
     """[N, D] float32 rows of one raw shard (all, or the local `rows` [N]), decoded from `raw_dtype`."""
     from tracestar.index.store import as_float32
 
-    stored = np.load(shard_path(out, RAW, shard_no), mmap_mode="r")
-    block = np.asarray(stored if rows is None else stored[rows])
+    path = shard_path(out, RAW, shard_no)
+    block = np.load(path) if rows is None else np.asarray(np.load(path, mmap_mode="r")[rows])  # a sample: mapped
     return as_float32(block, "bfloat16") if raw_dtype == "bfloat16" else np.asarray(block, dtype=np.float32)
 
 

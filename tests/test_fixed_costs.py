@@ -1,0 +1,140 @@
+"""The costs after the corpus pass: raw vectors kept in bf16 or not at all, R's eigendecompositions
+batched by size, V estimated on batches of documents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from tracestar.api import build_index, open_index, refit
+from tracestar.corpus import read_queries
+from tracestar.errors import IndexStoreError, UserError
+
+DIM = 1024
+
+
+def _build(world, out: Path, **kw) -> Path:
+    args = dict(optimizer_state=world["optimizer"], proj_dim=DIM, eval_queries=world["queries"], shard_docs=3,
+                quiet=True)
+    return build_index(world["model"], world["corpus"], out, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def builds(world, tmp_path_factory):
+    """One index per --raw-dtype, of the same corpus with the same arguments otherwise."""
+    root = tmp_path_factory.mktemp("raw-dtype")
+    return {d: _build(world, root / d, raw_dtype=d) for d in ("float32", "bfloat16", "none")}
+
+
+def _npy_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.npy"))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# --- --raw-dtype bfloat16 ------------------------------------------------------------------------
+
+
+def test_bf16_raw_halves_the_bytes_and_is_recorded(builds):
+    fp32, bf16 = builds["float32"], builds["bfloat16"]
+    m32, m16 = (json.loads((p / "manifest.json").read_text()) for p in (fp32, bf16))
+    assert m32["raw_dtype"] == "float32" and m16["raw_dtype"] == "bfloat16"
+    assert np.load(bf16 / "raw" / "shard-00000.npy").dtype == np.uint16  # bf16 bit patterns
+    data32, data16 = _npy_bytes(fp32 / "raw"), _npy_bytes(bf16 / "raw")
+    header = 128 * len(list((bf16 / "raw").glob("*.npy")))  # each .npy's header, the same size in both
+    assert data16 - header == pytest.approx((data32 - header) / 2, rel=1e-6)
+    # the default keeps what a build.json said before the option existed; another value is part of the identity
+    assert "raw_dtype" not in json.loads((fp32 / "build.json").read_text())
+    assert json.loads((bf16 / "build.json").read_text())["raw_dtype"] == "bfloat16"
+
+
+def test_bf16_raw_final_vectors_stay_close_to_the_fp32_build(world, builds):
+    """R and the final vectors come from the bf16 rows: each final vector stays within cosine
+    0.999 of the fp32 build's (bf16 keeps 8 bits of mantissa, ~0.4% per element), and the
+    fact document stays the top proponent."""
+    a, b = open_index(builds["float32"]), open_index(builds["bfloat16"])
+    va, vb = tiny.all_vectors(a), tiny.all_vectors(b)
+    cos = _cosines(va, vb)
+    assert cos.min() > 0.999, cos.min()
+    assert cos.min() < 1.0 - 1e-7  # the rows really were rounded (else this test could not fail)
+    queries = read_queries(world["queries"])
+    got, want = b.query(queries, top_k=1), a.query(queries, top_k=1)
+    assert [r["proponents"][0]["doc_id"] for r in got] == [r["proponents"][0]["doc_id"] for r in want]
+
+
+def test_refit_of_a_bf16_index_reads_its_bf16_rows(world, builds, tmp_path):
+    """A refit with the same preconditioner arguments reproduces the bf16 build's vectors."""
+    out = refit(builds["bfloat16"], tmp_path / "refit", eval_queries=world["queries"], quiet=True)
+    assert json.loads((out / "manifest.json").read_text())["raw_dtype"] == "bfloat16"
+    np.testing.assert_allclose(tiny.all_vectors(open_index(out)), tiny.all_vectors(open_index(builds["bfloat16"])),
+                               atol=1e-6)
+
+
+# --- --raw-dtype none ----------------------------------------------------------------------------
+
+
+def test_none_deletes_the_raw_vectors_and_keeps_the_same_final_vectors(world, builds):
+    out = builds["none"]
+    assert not list((out / "raw").glob("*.npy")) and len(list((out / "raw").glob("*.json"))) == 4  # sidecars stay
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["raw_dtype"] == "none" and all(s["raw_sha256"] is None for s in m["shards"])
+    # R and the final vectors were computed from the same float32 rows as the default build's
+    for name in ("preconditioner.safetensors", *(f"vectors/shard-0000{s}.npy" for s in range(4))):
+        assert (out / name).read_bytes() == (builds["float32"] / name).read_bytes(), name
+    queries = read_queries(world["queries"])[:2]
+    assert open_index(out).query(queries, top_k=3) == open_index(builds["float32"]).query(queries, top_k=3)
+
+
+def test_none_rerun_verifies_without_raw_vectors(world, builds, capsys):
+    capsys.readouterr()
+    _build(world, builds["none"], raw_dtype="none", quiet=False)
+    assert "files verified; nothing to do" in capsys.readouterr().out
+    with pytest.raises(UserError, match="different arguments.*raw_dtype"):
+        _build(world, builds["none"])  # float32 now: another index
+
+
+def test_refit_of_an_index_without_raw_vectors_is_refused_in_one_line(world, builds, tmp_path):
+    with pytest.raises(IndexStoreError, match="--raw-dtype none, so it kept no raw vectors") as err:
+        refit(builds["none"], tmp_path / "refit", eval_queries=world["queries"], quiet=True)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "refit").exists()
+
+
+def test_none_repair_recomputes_the_raw_vectors_and_deletes_them_again(world, builds, tmp_path, capsys):
+    """A damaged final shard is rebuilt: the corpus pass runs again (the raw rows it needs are
+    gone), R is reused (its sample's sidecars are unchanged), the shard is rewritten and the raw
+    shards are deleted again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(builds["none"], copy)
+    shard = copy / "vectors" / "shard-00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    _build(world, copy, raw_dtype="none", quiet=False)
+    out = capsys.readouterr().out
+    assert "vectors/shard-00002.npy (checksum mismatch)" in out and "R reused" in out
+    assert not list((copy / "raw").glob("*.npy"))
+    np.testing.assert_allclose(tiny.all_vectors(open_index(copy)), tiny.all_vectors(open_index(builds["none"])),
+                               atol=2e-3)  # the fp16 step: the recomputed rows may differ in the last bit
+    capsys.readouterr()
+    _build(world, copy, raw_dtype="none", quiet=False)
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_unknown_raw_dtype_in_one_line(world, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "tracestar", "index", "--model", str(world["model"]), "--corpus",
+                          str(world["corpus"]), "--out", str(tmp_path / "idx"), "--raw-dtype", "int8"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "--raw-dtype" in res.stderr and "int8" in res.stderr
+    assert not (tmp_path / "idx").exists()
