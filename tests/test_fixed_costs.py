@@ -138,3 +138,44 @@ def test_cli_refuses_an_unknown_raw_dtype_in_one_line(world, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0 and "--raw-dtype" in res.stderr and "int8" in res.stderr
     assert not (tmp_path / "idx").exists()
+
+
+# --- R's eigendecompositions, batched by size ----------------------------------------------------
+
+
+def _stats(ranges, n: int, seed: int):
+    from tracestar.preconditioner import RStats
+
+    g = torch.Generator().manual_seed(seed)
+    stats = RStats(ranges)
+    scales = torch.linspace(0.05, 3.0, ranges[-1][1])  # an uneven spectrum, as gradients have
+    stats.update(torch.randn(n, ranges[-1][1], generator=g) * scales)
+    return stats
+
+
+def test_size_batches_groups_equal_sizes_within_the_budget():
+    from tracestar.preconditioner import size_batches
+
+    sizes = [100, 100, 99, 100, 99, 100]
+    assert size_batches(sizes, budget=3 * 8 * 100 * 100 * 2) == [[0, 1], [3, 5], [2, 4]]
+    assert size_batches(sizes, budget=1) == [[i] for i in (0, 1, 3, 5, 2, 4)]  # never an empty group
+
+
+@pytest.mark.parametrize("kind", ["train", "mixed"])
+def test_batched_eigendecompositions_equal_the_threaded_ones(kind):
+    """One batched eigh per group of equal-sized ranges gives the same R^{-1/2} (and the same λ)
+    as one eigh per range on its own thread, to float32 rounding."""
+    from tracestar.preconditioner import fit, r_ranges
+    from tracestar.projection import Block
+
+    blocks = [Block(name=f"b{i}", k=k, params=[], offset=o) for i, (k, o) in enumerate([(10, 0), (10, 100), (7, 200)])]
+    ranges = r_ranges(blocks, r_block=40)  # 100 → 33, 34, 33; 49 → 24, 25
+    assert len(ranges) == 8 and len({e - s for s, e in ranges}) < len(ranges)  # some sizes repeat
+    train, eval_ = _stats(ranges, 300, 0), _stats(ranges, 20, 1)
+    kw = dict(damping=0.1, dim=ranges[-1][1])
+    threaded = fit(kind, train, eval_, batched=False, **kw)
+    batched = fit(kind, train, eval_, batched=True, **kw)
+    assert threaded.lam == pytest.approx(batched.lam, rel=1e-9)
+    for a, b in zip(threaded.mats, batched.mats):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))

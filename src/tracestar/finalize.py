@@ -113,7 +113,7 @@ def _fit_preconditioner(out: Path, base: dict, layout: ShardLayout, opts: BuildO
     if dist.rank() == 0:
         with timer.phase("eigendecomposition"):
             precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping,
-                          dim=base["dim"], progress=loop_bars(opts.quiet))
+                          dim=base["dim"], progress=loop_bars(opts.quiet), device=opts.device)
         stats.clear()  # the sums are not stored (refit recomputes them from the raw shards)
         if kind == "mixed":
             precond.info["eval_queries"] = str(Path(opts.eval_queries).resolve())

@@ -142,7 +142,12 @@ def spectrum(mats: Sequence[torch.Tensor] | RStats, progress: Progress = _silent
         eig = threaded_map(lambda i: torch.linalg.eigvalsh(stats.mean(i)), range(len(stats.sums)), progress, desc)
     else:
         eig = threaded_map(lambda m: torch.linalg.eigvalsh(m.double()), list(mats), progress, desc)
-    return torch.sort(torch.cat(eig).clamp(min=0.0), descending=True).values
+    return _sorted_spectrum(eig)
+
+
+def _sorted_spectrum(eig: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every range's eigenvalues in one descending vector, negatives (rounding) at 0."""
+    return torch.sort(torch.cat(list(eig)).clamp(min=0.0), descending=True).values
 
 
 def component_index(dim: int) -> int:
@@ -168,6 +173,70 @@ def inv_sqrt(r: torch.Tensor, damping: float) -> torch.Tensor:
     shift = damping * float(evals.mean()) if float(evals.mean()) > 0 else 1e-12
     scale = (evals + shift).rsqrt()
     return ((evecs * scale[None, :]) @ evecs.T).float()
+
+
+#: float64 bytes one batched eigendecomposition may hold on the device (input, eigenvectors, result).
+BATCH_BYTES = 2**30
+
+
+def size_batches(sizes: Sequence[int], budget: int = BATCH_BYTES) -> list[list[int]]:
+    """Range numbers grouped by equal size, each group cut so that its float64 [B, m, m] stack (and
+    the eigenvectors and result beside it) fits `budget`: one batched call per group."""
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(sizes):
+        by_size.setdefault(m, []).append(i)
+    groups = []
+    for m, idx in by_size.items():
+        per = max(1, budget // (3 * 8 * m * m))
+        groups += [idx[j:j + per] for j in range(0, len(idx), per)]
+    return groups
+
+
+def _inv_sqrt_stack(r: torch.Tensor, damping: float) -> torch.Tensor:
+    """[B, m, m] → [B, m, m] float32: `inv_sqrt` of each matrix, one batched float64 `eigh`."""
+    evals, evecs = torch.linalg.eigh(r.double())  # [B, m], [B, m, m]
+    evals = evals.clamp(min=0.0)
+    mean = evals.mean(dim=1, keepdim=True)  # [B, 1]
+    shift = torch.where(mean > 0, damping * mean, torch.full_like(mean, 1e-12))
+    scale = (evals + shift).rsqrt()
+    return ((evecs * scale[:, None, :]) @ evecs.transpose(1, 2)).float()
+
+
+def batched_map(fn: Callable[[torch.Tensor], torch.Tensor], make: Callable[[int], torch.Tensor], sizes: Sequence[int],
+                device: str, progress: Progress = _silent, desc: str = "") -> list[torch.Tensor]:
+    """[fn(make(i)) for each range i], equal-sized ranges stacked and run as one call on `device`
+    (`size_batches`); results on the CPU, in order, progress as each group arrives."""
+    out: list[torch.Tensor | None] = [None] * len(sizes)
+
+    def run() -> Iterator[int]:
+        for group in size_batches(sizes):
+            stacked = torch.stack([make(i) for i in group]).to(device)  # [B, m, m]
+            for i, res in zip(group, fn(stacked).cpu()):
+                out[i] = res
+                yield i
+
+    for _ in progress(Sized(run(), len(sizes)), desc):
+        pass
+    return out  # type: ignore[return-value]
+
+
+def eig_map(kind: str, make: Callable[[int], torch.Tensor], sizes: Sequence[int], damping: float, *, device: str = "cpu",
+            batched: bool | None = None, progress: Progress = _silent, desc: str = "") -> list[torch.Tensor]:
+    """Per range i: `inv_sqrt(make(i))` (kind "inv_sqrt") or its eigenvalues (kind "eigvalsh").
+
+    Batched (`batched_map`, the default on an accelerator) or one range per CPU thread
+    (`threaded_map`, the default on the CPU). Why both: on a GPU one batched call of equal-sized
+    matrices keeps the device busy, while on a CPU a batched `eigh` is a loop over the same LAPACK
+    call (measured no faster: README, "Throughput"), and the threads are what overlaps them. The
+    CPU path is the one every index was built with, so its bytes are unchanged.
+    """
+    if batched is None:
+        batched = torch.device(device).type != "cpu"
+    if batched:
+        fn = (lambda r: _inv_sqrt_stack(r, damping)) if kind == "inv_sqrt" else (lambda r: torch.linalg.eigvalsh(r.double()))
+        return batched_map(fn, make, sizes, device, progress, desc)
+    one = (lambda i: inv_sqrt(make(i), damping)) if kind == "inv_sqrt" else (lambda i: torch.linalg.eigvalsh(make(i)))
+    return threaded_map(one, range(len(sizes)), progress, desc)
 
 
 @dataclass
@@ -221,18 +290,25 @@ def fit(
     damping: float = DEFAULT_DAMPING,
     dim: int | None = None,
     progress: Progress = _silent,
+    device: str = "cpu",
+    batched: bool | None = None,
 ) -> Preconditioner:
     """R^{-1/2} for `train` (R_train alone) or `mixed` (λ R_eval + (1 − λ) R_train).
 
     `progress` wraps each loop of eigendecompositions (one per range: the spectra for λ, then R^{-1/2}).
+    `device`, `batched`: where and how they run (`eig_map`; the sums stay on the CPU).
     """
     if kind == "none":
         return Preconditioner("none")
     assert train is not None
     info: dict = {"train_count": int(train.count)}
-    ranges = range(len(train.ranges))
+    sizes = [e - s for s, e in train.ranges]
+
+    def eig(kind_: str, make: Callable[[int], torch.Tensor], desc: str) -> list[torch.Tensor]:
+        return eig_map(kind_, make, sizes, damping, device=device, batched=batched, progress=progress, desc=desc)
+
     if kind == "train":
-        mats = threaded_map(lambda i: inv_sqrt(train.mean(i), damping), ranges, progress, "R^-1/2 (train)")
+        mats = eig("inv_sqrt", train.mean, "R^-1/2 (train)")
         return Preconditioner("train", train.ranges, mats, None, damping, info)
     if kind != "mixed" or eval_ is None:
         raise ValueError("a mixed preconditioner needs eval query statistics")
@@ -240,15 +316,12 @@ def fit(
     if lam is None:
         dim = dim or train.ranges[-1][1]
         index = component_index(dim)
-        eig_train = spectrum(train, progress, "R_train spectrum")
-        eig_eval = spectrum(eval_, progress, "R_eval spectrum")
+        eig_train = _sorted_spectrum(eig("eigvalsh", train.mean, "R_train spectrum"))
+        eig_eval = _sorted_spectrum(eig("eigvalsh", eval_.mean, "R_eval spectrum"))
         lam, used = auto_lambda(eig_train, eig_eval, index)
         info.update({"lambda_source": "auto", "component_index": index, "component_index_used": used})
     else:
         info["lambda_source"] = "given"
 
-    def mixed(i: int) -> torch.Tensor:
-        return inv_sqrt(eval_.mean(i).mul_(lam).add_(train.mean(i), alpha=1.0 - lam), damping)
-
-    mats = threaded_map(mixed, ranges, progress, "R^-1/2 (mixed)")
+    mats = eig("inv_sqrt", lambda i: eval_.mean(i).mul_(lam).add_(train.mean(i), alpha=1.0 - lam), "R^-1/2 (mixed)")
     return Preconditioner("mixed", train.ranges, mats, float(lam), damping, info)
