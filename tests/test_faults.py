@@ -264,6 +264,7 @@ def _query_while(child_argv: list[str], index: Path, queries, log: Path, allowed
         else:
             assert got in allowed, "a query read a half-made index"
             seen["answered"] += 1
+        time.sleep(0.01)  # a refusal is instant: leave the builder the CPU
         if pid_done == pid:
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, log.read_text()
             return seen
@@ -296,3 +297,12 @@ def test_query_during_a_resumed_build_reads_complete_shards_or_refuses(world, qu
         tally = {k: tally[k] + seen[k] for k in tally}
     assert tally["refused"] >= 3 and tally["answered"] >= 3, tally
     print(f"reading during builds: {tally['answered']} queries answered from complete indexes, {tally['refused']} refused")
+
+
+def test_a_build_killed_while_writing_its_first_file_starts_afresh(world, reference, tmp_path, capsys):
+    out = tmp_path / "index"
+    out.mkdir()
+    (out / f"{writer.BUILD_FILE}{files.TMP_MARK}99999").write_text('{"seed": ')  # all a kill left
+    rc, err = build(world, out, capsys)
+    assert rc == 0, err
+    assert differences(snapshot(out), reference["snapshot"]) == []

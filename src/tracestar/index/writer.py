@@ -163,6 +163,11 @@ def prepare_dir(out: Path, identity: dict, overwrite: bool) -> str:
     dist.barrier()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and not build_file.exists() and _only_temporaries(out):
+        # a build killed while it wrote build.json, its first file: it never started
+        if dist.rank() == 0:
+            files.remove_temporaries(out)
+        dist.barrier()
     if out.exists() and any(out.iterdir()):
         if not build_file.exists():
             raise UserError(f"{out}: exists and is not a tracestar build; choose another --out or pass --overwrite")
@@ -186,6 +191,12 @@ def prepare_dir(out: Path, identity: dict, overwrite: bool) -> str:
         files.write_json(build_file, identity)
     dist.barrier()
     return "new"
+
+
+def _only_temporaries(out: Path) -> bool:
+    """Whether `out` holds files and all of them are temporaries (nothing finished)."""
+    entries = list(out.iterdir())
+    return bool(entries) and all(p.is_file() and files.TMP_MARK in p.name for p in entries)
 
 
 @contextmanager
