@@ -31,8 +31,16 @@ import numpy as np
 
 from tracestar.api import build_index, refit
 from tracestar.corpus import write_jsonl
-from tracestar.evaluate.lds import (EXACT, LdsData, baseline_scores, exact_gradient_scores, index_scores, prepare_lds,
-                                    score_summary, top_results)
+from tracestar.evaluate.lds import (
+    EXACT,
+    LdsData,
+    baseline_scores,
+    exact_gradient_scores,
+    index_scores,
+    prepare_lds,
+    score_summary,
+    top_results,
+)
 
 #: (section, row label, how to make its scores). Index rows: "variant" at "dim" with build options
 #: "build", or a refit of the base index of "variant" with "refit" options.

@@ -12,7 +12,6 @@ import torch
 from tracestar.corpus import Query
 from tracestar.evaluate import lds as L
 
-
 # --- the math --------------------------------------------------------------------------------------
 
 
@@ -147,7 +146,13 @@ def test_exact_scores_predict_one_sgd_step(tmp_path):
     """τ(i, q) = ∇L_i · ∇L_q, so one SGD step of size η on document i changes log p(target of q) by ≈ η τ."""
     import tiny
 
-    from tracestar.batching import collate, encode_document, encode_query, forward_loss, pad_id
+    from tracestar.batching import (
+        collate,
+        encode_document,
+        encode_query,
+        forward_loss,
+        pad_id,
+    )
 
     model_dir = tiny.save(tiny.gpt2(seed=1), tmp_path / "m")
     texts = ["paris is the capital of france .", "berlin is a city in germany ."]

@@ -37,9 +37,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ DEFAULT_BOOT = 1000
 
 def subset_masks(n_docs: int, subsets: int, fraction: float, seed: int = 0) -> np.ndarray:
     """[M, N] bool: row m holds exactly round(fraction · N) documents drawn from (seed, m) alone."""
-    size = int(round(fraction * n_docs))
+    size = round(fraction * n_docs)
     masks = np.zeros((subsets, n_docs), dtype=bool)
     for m in range(subsets):
         rng = np.random.default_rng([seed, m, 0x1D5])
@@ -228,7 +229,12 @@ class SubsetTrainer:
         """The trainer's loop (`tracestar.world.train`): seeded length-bucketed batches, warmup + cosine."""
         import torch
 
-        from tracestar.world.train import build_model, collate, length_bucketed_batches, lr_at
+        from tracestar.world.train import (
+            build_model,
+            collate,
+            length_bucketed_batches,
+            lr_at,
+        )
 
         cfg = self.config
         model = build_model(cfg, self.tokenizer)
@@ -290,7 +296,13 @@ def exact_gradient_scores(model_dir: str | Path, texts: Sequence[str], queries: 
     """
     import torch
 
-    from tracestar.batching import collate, encode_document, encode_query, forward_loss, pad_id
+    from tracestar.batching import (
+        collate,
+        encode_document,
+        encode_query,
+        forward_loss,
+        pad_id,
+    )
     from tracestar.model import load_model, model_window
 
     model, tok = load_model(model_dir)
@@ -392,8 +404,8 @@ def prepare_lds(world: str | Path, out: str | Path, *, subsets: int = 64, fracti
     """Train (or find cached) the full model and the M subset runs; None on a torchrun rank other than 0."""
     from tracestar import dist
     from tracestar.corpus import iter_documents
-    from tracestar.world import train_model
     from tracestar.files import sha256_file
+    from tracestar.world import train_model
     from tracestar.world.train import TrainConfig
 
     corpus, queries_path = world_files(world)
