@@ -241,7 +241,7 @@ class QueryOptions:
     model: str | None = _opt(None, "model directory (default: the one recorded in the manifest; must match it)")
     exact: bool = _opt(False, "scan the full-precision vectors even if a compressed form exists")
     rerank: int | None = _opt(None, "candidates re-scored exactly when searching a compressed form; 0: keep the "
-                                    "compressed scores (default: 10 × top-k, at least 100)")
+                                    "compressed scores (default: 10 × top-k, at least 100, or the depth PQ recorded)")
     by_doc: bool = _opt(False, "one hit per document in an index built with --chunk-tokens: a document scores as its "
                                "best window (max for proponents, min for opponents), shown with that window's span")
 
@@ -250,7 +250,7 @@ class QueryOptions:
 class CompressOptions:
     """What `tracestar compress` is asked besides the index and the kind (int8 or pq)."""
 
-    m: int | None = _opt(None, "PQ sub-quantizers, dividing the dimension (default: dim/4)")
+    m: int | None = _opt(None, "PQ sub-quantizers, dividing the dimension (default: dim/4, at most 4096)")
     nbits: int = _opt(8, "PQ bits per sub-quantizer, 1 to 16 (default %(default)s)")
     nlist: int | None = _opt(None, "IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows)")
     drop_exact: bool = _opt(False, "delete vectors/ shards afterwards (scores become approximate)")

@@ -56,7 +56,8 @@ def search_compressed(
 ) -> SearchResult:
     """Candidates from the compressed form, re-ranked exactly from `vectors/` when present.
 
-    rerank: how many candidates per query (and per direction) to re-score; default max(10k, 100).
+    rerank: how many candidates per query (and per direction) to re-score; default max(10k, the
+    form's own depth): 100, or what `compress` recorded for PQ with wide sub-vectors.
     0 disables re-ranking (compressed scores). Opponents come from the most negative candidates.
     """
     forms = store.compressed_forms()
@@ -69,7 +70,7 @@ def search_compressed(
     q = store.check_queries(queries)
     k_out = max(0, min(int(k), store.n_rows))
     if rerank is None:
-        rerank = max(10 * k_out, 100)
+        rerank = max(10 * k_out, int(entry.get("rerank") or 100))
     n_cand = max(k_out, min(int(rerank), store.n_rows)) if k_out else 0
     if k_out == 0:
         return SearchResult(*(np.zeros((q.shape[0], 0), dt) for dt in (np.int64, np.float32, np.int64, np.float32)))
