@@ -122,3 +122,27 @@ def test_a_resumed_build_keeps_the_flag(world, builds, tmp_path):
     assert (out / "docs.jsonl").read_bytes() == (builds["poisoned"] / "docs.jsonl").read_bytes()
     assert (out / "preconditioner.safetensors").read_bytes() == (builds["poisoned"] / "preconditioner.safetensors").read_bytes()
     assert open_index(out).manifest["n_nonfinite"] == 1
+
+
+def test_an_estimated_v_leaves_the_document_out(world):
+    """Estimating V (no optimizer state) reads single documents with autograd: one whose gradient
+    overflows is left out and counted, so V equals the estimate over the other documents."""
+    from tracestar.batching import collate, encode_document, forward_loss
+    from tracestar.model import load_model, tracked_matrices
+    from tracestar.normalizer import estimate
+
+    model, tok = load_model(world["model"], device="cpu")
+    tracked = tracked_matrices(model)
+    batches = [collate([encode_document(tok, t, i, 64)], tok.pad_token_id) for i, t in enumerate(TEXTS[:4])]
+
+    def overflowing(m, batch):  # the second document's loss overflows, as in fp16
+        loss = forward_loss(m, batch)
+        return loss * float("inf") if batch is batches[1] else loss
+
+    poisoned = estimate(model, tracked, batches, overflowing)
+    clean = estimate(model, tracked, [b for b in batches if b is not batches[1]], forward_loss)
+    assert "over 3 corpus documents (1 with a NaN or inf gradient left out)" in poisoned.source
+    assert set(poisoned.scales) == set(clean.scales)
+    for name, s in poisoned.scales.items():
+        assert torch.isfinite(s.row).all() and torch.isfinite(s.col).all(), name
+        assert torch.equal(s.row, clean.scales[name].row) and torch.equal(s.col, clean.scales[name].col), name
