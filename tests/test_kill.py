@@ -117,7 +117,8 @@ def run_cli(argv: list[str], log: Path, kill_after: float | None = None) -> Chil
         os.kill(pid, signal.SIGKILL)  # an already finished child is an unreaped zombie: harmless
     _, status = os.waitpid(pid, 0)
     rc = None if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    return Child(rc, time.monotonic() - t0, log.read_text(errors="replace"))
+    # a child killed at once has not opened its log yet
+    return Child(rc, time.monotonic() - t0, log.read_text(errors="replace") if log.exists() else "")
 
 
 def spawn_cli(argv: list[str], log: Path) -> int:
