@@ -173,6 +173,24 @@ def test_exact_scores_predict_one_sgd_step(tmp_path):
         assert delta == pytest.approx(eta * tau[:, i], rel=0.05)
 
 
+def test_index_scores_are_the_search_scores(world, tmp_path):
+    """τ [Q, N] of an index is what `query` ranks by: same top document, same score (fp16 storage)."""
+    from tracestar.api import build_index, open_index
+    from tracestar.corpus import read_queries
+
+    d = build_index(world["model"], world["corpus"], tmp_path / "idx", variant="opt-norm", proj_dim=256,
+                    optimizer_state=str(world["optimizer"]), quiet=True)
+    queries = read_queries(world["queries"])
+    tau = L.index_scores(d, queries, world["model"])
+    found = open_index(d).query(queries, top_k=1, exact=True)
+    ids = open_index(d).doc_ids
+    assert tau.shape == (len(queries), len(ids))
+    for qi, r in enumerate(found):
+        best = r["proponents"][0]
+        assert tau[qi, ids.index(best["doc_id"])] == pytest.approx(best["score"], abs=1e-3)
+        assert tau[qi].max() == pytest.approx(best["score"], abs=1e-3)
+
+
 # --- the command line --------------------------------------------------------------------------------
 
 
