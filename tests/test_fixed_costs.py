@@ -179,3 +179,78 @@ def test_batched_eigendecompositions_equal_the_threaded_ones(kind):
     for a, b in zip(threaded.mats, batched.mats):
         assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+
+
+# --- V estimated on batches of documents ---------------------------------------------------------
+
+TEXTS = ["the capital of france is paris .", "berlin is a city in germany", "the river in the north is large",
+         "a small country speaks a language", "rome is the capital of italy and a large city .", "the euro"]
+
+
+def _autograd_v(model, tracked, examples, pad):
+    """The definition, one plain autograd pass per document: {name: (Σ_docs row sums of g², col sums)}."""
+    from tracestar.batching import collate, forward_loss
+
+    sums = {t.name: (torch.zeros(t.shape[0], dtype=torch.float64), torch.zeros(t.shape[1], dtype=torch.float64))
+            for t in tracked}
+    for t in tracked:
+        t.param.requires_grad_(True)
+    for e in examples:
+        model.zero_grad(set_to_none=True)
+        forward_loss(model, collate([e], pad)).sum().backward()
+        for t in tracked:
+            sq = t.param.grad.double().square()
+            sums[t.name][0].add_(sq.sum(1))
+            sums[t.name][1].add_(sq.sum(0))
+    model.zero_grad(set_to_none=True)
+    for t in tracked:
+        t.param.requires_grad_(False)
+    return sums
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_v_estimate_equals_one_document_at_a_time(arch, tmp_path):
+    """Several documents of different lengths per forward/backward (hooks form each document's
+    gradient) give the V of one autograd pass per document: GPT-2 covers Conv1D and the tied
+    embedding / LM head (its two sites' gradients summed before squaring), Llama nn.Linear."""
+    from tracestar.batching import collate, encode_document, forward_loss
+    from tracestar.model import load_model, tracked_matrices
+    from tracestar.normalizer import docs_per_batch, estimate, factored_scales
+
+    model, tok = load_model(tiny.save(getattr(tiny, arch)(seed=2), tmp_path / arch))
+    tracked = tracked_matrices(model)
+    assert any(len(t.sites) > 1 for t in tracked) == (arch == "gpt2")
+    examples = [encode_document(tok, t, i, 64) for i, t in enumerate(TEXTS)]
+    singles = estimate(model, tracked, [collate([e], tok.pad_token_id) for e in examples], forward_loss)
+    grouped = estimate(model, tracked, [collate(examples[:4], tok.pad_token_id), collate(examples[4:], tok.pad_token_id)],
+                       forward_loss)
+    assert singles.source == grouped.source == "mean squared gradient over 6 corpus documents"
+    want = _autograd_v(model, tracked, examples, tok.pad_token_id)
+    for t in tracked:
+        a, b = t.shape
+        ref = factored_scales(want[t.name][0] / (6 * b), want[t.name][1] / (6 * a))
+        for got in (singles.scales[t.name], grouped.scales[t.name]):
+            torch.testing.assert_close(got.row, ref.row, rtol=1e-5, atol=0)
+            torch.testing.assert_close(got.col, ref.col, rtol=1e-5, atol=0)
+    assert docs_per_batch(tracked) > len(TEXTS)  # a tiny model's documents all fit one batch
+    assert docs_per_batch(tracked, budget=1) == 1
+
+
+def test_batched_v_estimate_leaves_out_only_the_overflowing_document(tmp_path):
+    from tracestar.batching import collate, encode_document, forward_loss
+    from tracestar.model import load_model, tracked_matrices
+    from tracestar.normalizer import estimate
+
+    model, tok = load_model(tiny.save(tiny.gpt2(seed=2), tmp_path / "m"))
+    tracked = tracked_matrices(model)
+    examples = [encode_document(tok, t, i, 64) for i, t in enumerate(TEXTS)]
+
+    def overflowing(m, batch):  # the batch's second document overflows, as in fp16
+        loss = forward_loss(m, batch)
+        return loss * torch.tensor([1.0, float("inf")] + [1.0] * (len(loss) - 2))
+
+    poisoned = estimate(model, tracked, [collate(examples, tok.pad_token_id)], overflowing)
+    clean = estimate(model, tracked, [collate([e], tok.pad_token_id) for e in examples if e.row != 1], forward_loss)
+    assert poisoned.source == "mean squared gradient over 5 corpus documents (1 with a NaN or inf gradient left out)"
+    for t in tracked:
+        torch.testing.assert_close(poisoned.scales[t.name].row, clean.scales[t.name].row, rtol=1e-5, atol=0)

@@ -123,47 +123,136 @@ def from_optimizer_state(path: str | Path | OptimizerState, model: torch.nn.Modu
     return from_state(state, tracked, eps)
 
 
-def estimate(model: torch.nn.Module, tracked: list[Tracked], batches: Iterable, loss_fn, *, reduce=None, eps: float = EPS) -> Normalizer:
-    """V = mean squared per-document gradient over the given single-document batches.
+#: Bytes of per-document gradients `estimate` may hold at once (`docs_per_batch`).
+ESTIMATE_BYTES = 2**29
 
-    Uses ordinary autograd with weight gradients (it runs on a small sample only), then fits the
-    factored form by row and column means, like the Adam fit. Only those means are needed, and a
-    mean over documents commutes with a mean over a row, so each gradient's squares are summed
-    into row and column sums at once: no float64 copy of every gradient and no [a, b] float64 sum
-    per matrix (at 135M parameters those were 1 GB and most of the estimate's time). `reduce`
-    all-reduces the sums across ranks under torchrun.
+
+def docs_per_batch(tracked: list[Tracked], budget: int = ESTIMATE_BYTES) -> int:
+    """How many documents one `estimate` batch may hold: each document's gradient of the largest
+    matrix is formed (and squared) at once, and a tied matrix's is kept until all its uses are in."""
+    largest = max((a * b for a, b in (t.shape for t in tracked)), default=1)
+    tied = sum(a * b for a, b in (t.shape for t in tracked if len(t.sites) > 1))
+    return max(1, budget // (4 * (2 * largest + tied)))
+
+
+class _SquareSums:
+    """Hooks that add each document's Σ_j G[i, j]² and Σ_i G[i, j]² per tracked matrix, where G is
+    that document's gradient of the matrix, from one batched forward and backward.
+
+    Why it is exact: a site's gradient is a sum over positions of δ_t x_tᵀ (Linear: [out, in];
+    Conv1D: [in, out]; an embedding: δ_t added to row id_t), and each document's loss depends
+    only on its own positions, so one backward of the summed loss gives every document's δ. A
+    matrix used at several sites (a tied embedding and LM head) sums its sites' gradients before
+    squaring. Parameters stay frozen: no weight gradient is formed besides these.
+
+    A batch's sums are kept per document until its backward is done, so that a document whose
+    gradient has a NaN or inf anywhere (an fp16 overflow) is left out whole (`end_batch`).
     """
-    rows = {t.name: torch.zeros(t.shape[0], dtype=torch.float64) for t in tracked}
-    cols = {t.name: torch.zeros(t.shape[1], dtype=torch.float64) for t in tracked}
+
+    def __init__(self, tracked: list[Tracked]):
+        self.rows = {t.name: torch.zeros(t.shape[0], dtype=torch.float64) for t in tracked}
+        self.cols = {t.name: torch.zeros(t.shape[1], dtype=torch.float64) for t in tracked}
+        self.tracked = tracked
+        self.tied: dict[str, torch.Tensor] = {}  # [B, a, b] partial gradients of tied matrices
+        self.batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # [B, a], [B, b] float64 per document
+
+    def hooks(self) -> list:
+        handles = []
+        for t in self.tracked:
+            for site in t.sites:
+                handles.append(site.module.register_forward_hook(self._forward(t, site)))
+        return handles
+
+    def _forward(self, t: Tracked, site):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if not output.requires_grad:
+                output.requires_grad_(True)
+            output.register_hook(lambda delta: self._add(t, site.kind, x, delta))
+            return output
+
+        return hook
+
+    def _add(self, t: Tracked, kind: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        delta = delta.float()  # [B, T, out]
+        if kind == "linear":
+            g = torch.bmm(delta.transpose(1, 2), x.float())  # [B, out, in]
+        elif kind == "conv1d":
+            g = torch.bmm(x.float().transpose(1, 2), delta)  # [B, in, out]
+        else:  # embedding: row id_t gets δ_t
+            B, T, d = delta.shape
+            g = delta.new_zeros(B, t.shape[0], d)
+            g.scatter_add_(1, x.unsqueeze(-1).expand(B, T, d), delta)  # [B, vocab, d]
+        if len(t.sites) > 1:
+            self.tied[t.name] = g if t.name not in self.tied else self.tied[t.name] + g
+        else:
+            self._square(t.name, g)
+
+    def _square(self, name: str, g: torch.Tensor) -> None:
+        sq = g.square_()  # [B, a, b]
+        self.batch[name] = (sq.sum(dim=2, dtype=torch.float64).cpu(), sq.sum(dim=1, dtype=torch.float64).cpu())
+
+    def end_batch(self, n_docs: int) -> int:
+        """Add the batch's documents whose sums are all finite; returns how many were left out."""
+        for name, g in self.tied.items():
+            self._square(name, g)
+        self.tied.clear()
+        good = torch.ones(n_docs, dtype=torch.bool)
+        for r, c in self.batch.values():
+            good &= torch.isfinite(r).all(dim=1) & torch.isfinite(c).all(dim=1)
+        for name, (r, c) in self.batch.items():
+            self.rows[name] += r[good].sum(dim=0)
+            self.cols[name] += c[good].sum(dim=0)
+        self.batch.clear()
+        return int((~good).sum())
+
+
+def estimate(model: torch.nn.Module, tracked: list[Tracked], batches: Iterable, loss_fn, *, reduce=None, eps: float = EPS) -> Normalizer:
+    """V = mean squared per-document gradient over the documents of `batches`.
+
+    Each batch holds several documents (at most `docs_per_batch`): one forward and backward per
+    batch, with each document's gradient formed per tracked matrix by hooks (`_SquareSums`)
+    instead of one autograd pass per document, which cost a model call per document (10× a
+    training step's cost per document on a small model). The factored form is fitted by row and
+    column means, like the Adam fit; a mean over documents commutes with a mean over a row, so
+    each gradient's squares go straight into row and column sums: no [a, b] float64 sum per
+    matrix. `loss_fn(model, batch)` gives [B] per-document losses; `reduce` all-reduces the sums
+    across ranks under torchrun.
+    """
+    sums = _SquareSums(tracked)
     count = torch.zeros((), dtype=torch.float64)
+    skipped = torch.zeros((), dtype=torch.float64)
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    for t in tracked:
-        t.param.requires_grad_(True)
+    handles = sums.hooks()
     try:
         for batch in batches:
-            model.zero_grad(set_to_none=True)
             loss_fn(model, batch).sum().backward()
-            for t in tracked:
-                if t.param.grad is not None:
-                    sq = t.param.grad.detach().square()  # [a, b]
-                    rows[t.name] += sq.sum(dim=1, dtype=torch.float64).cpu()
-                    cols[t.name] += sq.sum(dim=0, dtype=torch.float64).cpu()
-            count += 1
+            n_docs = batch.input_ids.shape[0]
+            bad = sums.end_batch(n_docs)
+            count += n_docs - bad
+            skipped += bad
     finally:
-        model.zero_grad(set_to_none=True)
+        for h in handles:
+            h.remove()
+        sums.tied.clear()
+        sums.batch.clear()
         for p, flag in saved:
             p.requires_grad_(flag)
+    rows, cols = sums.rows, sums.cols
     if reduce is not None:
         for t in tracked:
             reduce(rows[t.name])
             reduce(cols[t.name])
         reduce(count)
+        reduce(skipped)
     n = max(float(count), 1.0)
     scales = {}
     for t in tracked:
         a, b = t.shape
         # the row and column means of V = E[g²]
         scales[t.name] = factored_scales(rows[t.name] / (n * b), cols[t.name] / (n * a), eps)
-    return Normalizer(kind="estimated", source=f"mean squared gradient over {int(n)} corpus documents", scales=scales, eps=eps)
+    left_out = f" ({int(skipped)} with a NaN or inf gradient left out)" if float(skipped) else ""
+    return Normalizer(kind="estimated", source=f"mean squared gradient over {int(float(count))} corpus documents{left_out}",
+                      scales=scales, eps=eps)

@@ -33,7 +33,7 @@ from tracestar.model import (
     tokenizer_hash,
     tracked_matrices,
 )
-from tracestar.normalizer import Normalizer, estimate, from_optimizer_state, identity
+from tracestar.normalizer import Normalizer, docs_per_batch, estimate, from_optimizer_state, identity
 from tracestar.options import BuildOptions
 from tracestar.preconditioner import Preconditioner
 from tracestar.projection import Block
@@ -59,12 +59,13 @@ class Tracer:
         if opts.optimizer_state and sample is None:  # a sample means V is estimated even with a state
             return from_optimizer_state(opts.optimizer_state, self.model, self.tracked)
 
-        def batches():
-            for i, d in enumerate(sample or []):
-                batch = collate([encode_document(self.tokenizer, d.text, i, opts.max_length)], self.pad)
+        def batches():  # several documents per batch, bucketed by length (`normalizer.docs_per_batch`)
+            examples = [encode_document(self.tokenizer, d.text, i, opts.max_length) for i, d in enumerate(sample or [])]
+            for group in bucketed(examples, opts.batch_tokens, max_batch=docs_per_batch(self.tracked)):
+                batch = collate(group, self.pad)
                 yield batch.to(self.device)
                 if progress is not None:  # resumed once `estimate` has run the batch
-                    progress(1, batch.n_tokens)
+                    progress(len(group), batch.n_tokens)
 
         return estimate(self.model, self.tracked, batches(), forward_loss, reduce=dist.all_reduce_)
 
