@@ -256,3 +256,20 @@ def test_without_chunking_rows_and_hits_are_as_before(world, tmp_path, capsys):
     hits = idx.query(read_queries(world["queries"])[:1], top_k=2)[0]["proponents"]
     assert all(list(h) == ["doc_id", "score"] for h in hits)
     assert idx.query(read_queries(world["queries"])[:1], top_k=2, by_doc=True)[0]["proponents"] == hits
+
+
+def test_eval_ranks_documents_of_a_chunked_index(chunked, tmp_path):
+    """Relevance is labelled per document, so `evaluate` ranks a chunked index's documents by their
+    best window: each ranking lists a document once, and its MRR is computed over documents."""
+    from tracestar.evaluate.run import evaluate
+
+    pairs = [("the capital of france is", " paris", "long0"), ("the capital of austria is", " vienna", "long2")]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "prompt": p, "target": t, "relevant": [d]}) + "\n"
+                               for i, (p, t, d) in enumerate(pairs)))
+    evaluate(chunked["index"], queries, tmp_path / "eval", bm25=False, tail_patch=False, ks=(1, 3), quiet=True)
+    ranked = [json.loads(line) for line in (tmp_path / "eval" / "rankings" / "tracestar.jsonl").read_text().splitlines()]
+    assert len(ranked) == 2
+    for r in ranked:
+        ids = [h["doc_id"] for h in r["proponents"]]
+        assert len(ids) == len(set(ids)) == 3  # the largest k: three documents, each once

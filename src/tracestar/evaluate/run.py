@@ -197,7 +197,8 @@ def evaluate(
     method_results: dict[str, list[dict[str, Any]]] = {}
     t0 = time.time()
     _log(f"tracestar: querying {len(queries)} queries ...", quiet)
-    method_results["tracestar"] = list(idx.query(queries, top_k=top_k, model_dir=model_dir))
+    # relevance is labelled per document: an index of windows (--chunk-tokens) ranks documents by their best window
+    method_results["tracestar"] = list(idx.query(queries, top_k=top_k, model_dir=model_dir, by_doc=idx.store.chunked))
     timings = {"tracestar_query_s": round(time.time() - t0, 1)}
     if bm25:
         from tracestar.evaluate.bm25 import bm25_results
@@ -216,7 +217,7 @@ def evaluate(
         variant_names.append(name)
         t0 = time.time()
         _log(f"tracestar: querying variant {name} ...", quiet)
-        method_results[name] = list(vidx.query(queries, top_k=top_k, model_dir=model_dir))
+        method_results[name] = list(vidx.query(queries, top_k=top_k, model_dir=model_dir, by_doc=vidx.store.chunked))
         timings[f"{name}_query_s"] = round(time.time() - t0, 1)
     method_results["relevant"] = _relevant_results(queries, top_k)
 
