@@ -191,9 +191,15 @@ def test_a_truncated_or_flipped_file_is_refused_naming_it_and_repaired(world, re
 @pytest.mark.slow
 def test_corruptions_at_many_seeded_places(world, reference, tmp_path, capsys):
     cases = _corruption_cases(seeds=10)
+    refused = {"query": 0, "refit": 0, "same content": 0}
     for i, (rel, how, seed) in enumerate(cases):
-        check_corruption(world, reference, rel, how, seed, tmp_path / f"c{i}", capsys)
-    print(f"corruptions: {len(cases)} refused, each naming its file, and repaired to the reference bytes")
+        line = check_corruption(world, reference, rel, how, seed, tmp_path / f"c{i}", capsys)
+        refused["same content" if line.startswith("accepted") else "refit" if rel.startswith("raw/") and
+                rel.endswith(".npy") else "query"] += 1
+    assert refused["query"] >= 170 and refused["refit"] == 20
+    print(f"corruptions: {len(cases)}; refused naming the file by query {refused['query']}, by refit "
+          f"{refused['refit']} (raw shards, which no query reads); a manifest flip JSON reads as the same "
+          f"content {refused['same content']}; every one repaired by the rerun to the reference bytes")
 
 
 # --- escaping paths --------------------------------------------------------------------------------
