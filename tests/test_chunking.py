@@ -273,3 +273,15 @@ def test_eval_ranks_documents_of_a_chunked_index(chunked, tmp_path):
     for r in ranked:
         ids = [h["doc_id"] for h in r["proponents"]]
         assert len(ids) == len(set(ids)) == 3  # the largest k: three documents, each once
+
+
+def test_trace_shows_each_windows_span(chunked):
+    from tracestar.trace import format_trace, trace
+
+    idx = open_index(chunked["index"])
+    result = trace(idx, "the capital of france is", target=" paris", top_k=3)
+    hits = result["proponents"] + result["opponents"]
+    assert len(hits) == 6 and all({"chunk", "start", "end"} <= set(h) for h in hits)
+    assert all(len(h["tokens"]) == h["end"] - h["start"] for h in hits)  # each window explained, token by token
+    text = format_trace(result, searched="exact")
+    assert all(f"#{h['chunk']} [{h['start']}, {h['end']})" in text for h in hits)

@@ -360,5 +360,7 @@ def _hit_lines(result: dict, width: int, *, opponents: bool = True) -> list[str]
         for rank, h in enumerate(result[key], 1):
             doc = h["doc_id"] if len(h["doc_id"]) <= width else h["doc_id"][: width - 1] + "…"
             text = f"  {h['snippet']}" if h.get("snippet") else ""
+            if h.get("chunk") is not None:  # a window of a longer document (--chunk-tokens): where it lies
+                text = f"  #{h['chunk']} [{h['start']}, {h['end']}){text}"
             lines.append(f"  {rank:>3}  {doc:<{width}}  {h['score']:+.4f}{text}")
     return lines
