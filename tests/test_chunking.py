@@ -256,6 +256,8 @@ def test_without_chunking_rows_and_hits_are_as_before(world, tmp_path, capsys):
     hits = idx.query(read_queries(world["queries"])[:1], top_k=2)[0]["proponents"]
     assert all(list(h) == ["doc_id", "score"] for h in hits)
     assert idx.query(read_queries(world["queries"])[:1], top_k=2, by_doc=True)[0]["proponents"] == hits
+    with pytest.raises(OptionError, match="built without --chunk-tokens"):
+        explain_tokens(idx, read_queries(world["queries"])[0], hits[0]["doc_id"], chunk=0)
 
 
 def test_eval_ranks_documents_of_a_chunked_index(chunked, tmp_path):

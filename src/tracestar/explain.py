@@ -102,6 +102,9 @@ RowKey = str | tuple[str, int]
 def row_of(index, key: RowKey) -> int:
     """The index row of `key`; a document split into several windows must be named with its chunk."""
     doc_id, chunk = (key, None) if isinstance(key, str) else key
+    if chunk is not None and not index.store.chunked:
+        raise OptionError("--chunk", f"{index.path} was built without --chunk-tokens: its rows are whole documents, "
+                                     f"so leave --chunk out")
     row = index.store.row_of(doc_id, chunk)
     if row is not None:
         return row
