@@ -138,23 +138,25 @@ def tree_bytes(index: Path) -> dict:
 # --- queries -------------------------------------------------------------------------------------
 
 
-def query_vectors(store, n: int, seed: int = 0) -> np.ndarray:
-    """Unit query vectors near `n` random stored rows (row + noise of the same norm)."""
+def query_vectors(store, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(unit query vectors near `n` random stored rows (row + noise of the same norm), those rows)."""
     from tracestar.index.store import as_float32
     from tracestar.testing import unit
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.n_rows, size=n, replace=False))
     x = as_float32(store.gather("vectors", rows), store.stored_dtype("vectors"))
-    return unit(x + rng.standard_normal(x.shape, dtype=np.float32) / np.sqrt(x.shape[1]))
+    return unit(x + rng.standard_normal(x.shape, dtype=np.float32) / np.sqrt(x.shape[1])), rows
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(r) & set(s)) / len(s) for r, s in zip(a, b)]))
 
 
-def latencies(index: Path, q: np.ndarray, k: int = 10) -> dict:
-    """Per-query seconds of exact / int8 / PQ search (best of 2, after one warm-up), overlap with exact."""
+def latencies(index: Path, q: np.ndarray, source: np.ndarray, k: int = 10) -> dict:
+    """Per-query seconds of exact / int8 / PQ search (best of 2, after one warm-up), overlap with
+    exact, and how often the row each query was drawn from is in the top k (on near-isotropic
+    vectors the rest of the exact top 10 is close to a coin toss; the source row is not)."""
     from tracestar.index.search import search, search_compressed
     from tracestar.index.store import IndexStore
 
@@ -172,7 +174,8 @@ def latencies(index: Path, q: np.ndarray, k: int = 10) -> dict:
             best = min(best, time.perf_counter() - t)
         ref = res if name == "exact" else ref
         out[name] = {"s_per_query": best / len(q), "top10_overlap": overlap(res.prop_rows, ref.prop_rows),
-                     "opp_overlap": overlap(res.opp_rows, ref.opp_rows)}
+                     "opp_overlap": overlap(res.opp_rows, ref.opp_rows),
+                     "source_in_top10": float(np.mean([s in r for s, r in zip(source, res.prop_rows)]))}
     for row in out.values():
         row["vs_exact"] = row["s_per_query"] / out["exact"]["s_per_query"]
     return out
@@ -205,12 +208,12 @@ def pq_high_dim(root: Path, rows: int, n_q: int, dim: int = HIGH_DIM) -> dict:
     # queries: noisy copies of stored rows, as in `query_vectors`
     from tracestar.index.store import IndexStore
 
-    q = query_vectors(IndexStore(path), n_q, seed=1)
+    q, source = query_vectors(IndexStore(path), n_q, seed=1)
     t = time.perf_counter()
     e = compress(path, "pq")
     return {"rows": rows, "dim": dim, "compress_s": time.perf_counter() - t,
             **{k: e.get(k) for k in ("train_seconds", "train_rows", "m", "nlist", "nprobe", "bytes_per_doc")},
-            "encode_s_per_row": (e["seconds"] - e["train_seconds"]) / rows, "search": latencies(path, q)}
+            "encode_s_per_row": (e["seconds"] - e["train_seconds"]) / rows, "search": latencies(path, q, source)}
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -248,6 +251,7 @@ def main() -> None:
     ap.add_argument("--pq-rows", type=int, default=8192, help="rows of the synthetic 2^16-dim PQ index (0: skip)")
     ap.add_argument("--pq-only", action="store_true")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--keep", type=Path, help="build the large index here and keep it (default: a temporary directory)")
     ap.add_argument("--build-child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.build_child:
@@ -263,7 +267,8 @@ def main() -> None:
             s = hi["search"]
             print(f"PQ at 2^16 dims, {hi['rows']} rows: m={hi['m']} nlist={hi['nlist']}, train {hi['train_seconds']:.1f} s on "
                   f"{hi['train_rows']} rows, encode {hi['encode_s_per_row'] * 1e3:.2f} ms/row; query PQ÷exact "
-                  f"{s['pq']['vs_exact']:.2f}, top-10 overlap {s['pq']['top10_overlap']:.3f}", flush=True)
+                  f"{s['pq']['vs_exact']:.2f}, top-10 overlap {s['pq']['top10_overlap']:.3f}, source row in top 10 "
+                  f"{s['pq']['source_in_top10']:.3f} (exact {s['exact']['source_in_top10']:.3f})", flush=True)
             import shutil
 
             shutil.rmtree(root / f"pq-{HIGH_DIM}")
@@ -282,20 +287,22 @@ def main() -> None:
         probe = {"docs": a.probe_docs, "lo_docs_per_s": lo["docs_per_s"], "hi_docs_per_s": hi_b["docs_per_s"],
                  "rate_ratio": hi_b["docs_per_s"] / lo["docs_per_s"], "hi_peak_rss_mb": hi_b["peak_rss_mb"]}
         print(f"probe builds ({a.probe_docs} docs): 2^16 ÷ {a.proj_dim} docs/s = {probe['rate_ratio']:.3f}", flush=True)
-        built = build(root / "model", corpus, root / "index", a.proj_dim)
+        index = a.keep or root / "index"
+        built = build(root / "model", corpus, index, a.proj_dim)
         print(f"build: {built['docs']} docs, {built['tokens']} tokens in {built['build_s']:.0f} s: {built['docs_per_s']:.0f} docs/s "
               f"({built['docs_per_s'] / tok['docs_per_s']:.3f} × tokenizer alone), {built['tokens_per_s']:.0f} tokens/s; "
               f"peak RSS {built['peak_rss_mb']:.0f} MB (children's max {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB)",
               flush=True)
-        comp = compress_all(root / "index")
-        sizes = tree_bytes(root / "index")
+        comp = compress_all(index)
+        sizes = tree_bytes(index)
         print("bytes/doc: " + ", ".join(f"{k} {v / a.docs:.0f}" for k, v in sizes.items()), flush=True)
         print("compress: " + "; ".join(f"{k} {v['seconds']:.0f} s, {v['bytes_per_doc']} B/doc" for k, v in comp.items()), flush=True)
-        q = query_vectors(__import__("tracestar.index.store", fromlist=["IndexStore"]).IndexStore(root / "index"), a.queries)
-        lat = latencies(root / "index", q)
+        q, source = query_vectors(__import__("tracestar.index.store", fromlist=["IndexStore"]).IndexStore(index), a.queries)
+        lat = latencies(index, q, source)
         for name, row in lat.items():
             print(f"query {name:>5}: {row['s_per_query'] * 1e3:8.2f} ms/query  ×{row['vs_exact']:.3f} of exact  "
-                  f"top-10 overlap {row['top10_overlap']:.3f}  opponents {row['opp_overlap']:.3f}", flush=True)
+                  f"top-10 overlap {row['top10_overlap']:.3f}  opponents {row['opp_overlap']:.3f}  "
+                  f"source row in top 10 {row['source_in_top10']:.3f}", flush=True)
         ext = extrapolate(a.docs, a.proj_dim, built, sizes, lat, probe, report.get("pq_2^16"))
         print("extrapolated to 1M docs at 2^16 dims: " + ", ".join(f"{k} {v:.3g}" if not isinstance(v, dict) else
               f"{k} " + " ".join(f"{kk} {vv / 1e9:.0f} GB" for kk, vv in v.items()) for k, v in ext.items()), flush=True)
