@@ -166,7 +166,8 @@ class IndexStore:
         self._docs: list[DocRow] | None = None
         self._rows: dict[str | tuple[str, int], int] | None = None
         self._chunks: dict[str, int] | None = None
-        self._verified: set[tuple[str, str]] = set()  # (file, sha256) checked against the manifest
+        # (file, sha256) checked against the manifest → the identity of the file that was checked
+        self._verified: dict[tuple[str, str], tuple[int, int] | None] = {}
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # recently gathered shards
         self._maps_lock = threading.Lock()  # `gather` runs on several threads at once
         self.verify_listed()
@@ -297,9 +298,18 @@ class IndexStore:
             return
         if not path.exists():
             raise IndexStoreError(f"{path}: missing {what} listed in the manifest")
+        checked = _identity(path)
         if sha256_file(path) != sha256:
             raise IndexStoreError(f"{path}: checksum mismatch — the {what} is corrupted; {remedy}")
-        self._verified.add(key)
+        self._verified[key] = checked
+        self.check_unchanged(path, sha256)
+
+    def check_unchanged(self, path: Path, sha256: str) -> None:
+        """Refuse a verified file that has since been replaced (a build rewriting the index in
+        place): what was read is then not what was checked. tracestar replaces a file only by a
+        rename, so the same inode is the file that was checked."""
+        if _identity(path) != self._verified.get((str(path), sha256)):
+            raise IndexStoreError(f"{path}: replaced while this index was read (a build is writing it); query again")
 
     def verify_shard(self, kind: str, shard_no: int) -> None:
         """Checksum one shard against the manifest (once per store)."""
@@ -312,6 +322,8 @@ class IndexStore:
             self.verify_shard(kind, shard_no)
         arr = np.load(shard_path(self.path, kind, shard_no), mmap_mode="r" if mmap else None, allow_pickle=False)
         info = self.shards[shard_no]
+        if verify:  # after the open: the bytes mapped are the ones checked, or the file was replaced
+            self.check_unchanged(shard_path(self.path, kind, shard_no), info[f"{kind}_sha256"])
         if arr.shape != (info["rows"], self.dim):
             raise IndexStoreError(
                 f"{shard_path(self.path, kind, shard_no)}: shape {arr.shape}, manifest says ({info['rows']}, {self.dim})"
@@ -370,6 +382,15 @@ class IndexStore:
             if self.has_kind(kind):
                 for shard_no in range(len(self.shards)):
                     self.verify_shard(kind, shard_no)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file: another when a rename replaces it; None when it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def as_float32(block: np.ndarray, stored_dtype: str) -> np.ndarray:
