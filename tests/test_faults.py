@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from test_kill import differences, half_written, index_argv, query_outcome, run_cli, snapshot, spawn_cli, temporaries
+from test_kill import (
+    differences,
+    half_written,
+    index_argv,
+    query_outcome,
+    run_cli,
+    snapshot,
+    spawn_cli,
+    temporaries,
+)
 
 from tracestar import files
 from tracestar.cli import main as cli_main

@@ -131,7 +131,7 @@ def spawn_cli(argv: list[str], log: Path) -> int:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(1, "w", closefd=False)
+            sys.stdout = sys.stderr = open(1, "w", closefd=False)  # noqa: SIM115 - the child ends in os._exit
             import torch
 
             torch.set_num_threads(1)
@@ -299,7 +299,7 @@ def test_index_killed_at_20_moments(world, queries, tmp_path):
 
 @pytest.mark.slow
 def test_refit_killed_at_20_moments(world, queries, base_index, tmp_path):
-    argv = lambda d: ["refit", "--index", str(base_index), "--out", str(d), "--eval-queries", str(world["queries"]),  # noqa: E731
+    argv = lambda d: ["refit", "--index", str(base_index), "--out", str(d), "--eval-queries", str(world["queries"]),
                       "--preconditioner", "mixed", "--quiet"]
     tally = kill_loop(tmp_path, argv, seed=1402, n=20, queries=queries, name="refit")
     assert tally.rerun_refused == 0
@@ -311,7 +311,7 @@ def test_compress_killed_at_20_moments(kind, queries, base_index, tmp_path):
     def prepare(d: Path) -> None:
         shutil.copytree(base_index, d)
 
-    argv = lambda d: ["compress", "--index", str(d), "--kind", kind]  # noqa: E731
+    argv = lambda d: ["compress", "--index", str(d), "--kind", kind]
     tally = kill_loop(tmp_path, argv, seed=1403, n=20, prepare=prepare, queries=queries, name=f"compress {kind}")
     assert tally.rerun_refused == 0
 
@@ -319,7 +319,7 @@ def test_compress_killed_at_20_moments(kind, queries, base_index, tmp_path):
 @pytest.mark.slow
 def test_eval_killed_at_20_moments(world, base_index, tmp_path):
     qpath = eval_queries(world, tmp_path / "eval_queries.jsonl")
-    argv = lambda d: ["eval", "--index", str(base_index), "--queries", str(qpath), "--out", str(d),  # noqa: E731
+    argv = lambda d: ["eval", "--index", str(base_index), "--queries", str(qpath), "--out", str(d),
                       "--bm25", "--tail-patch", "--k", "1,3", "--max-queries", "2"]
     tally = kill_loop(tmp_path, argv, seed=1404, n=20, name="eval")
     assert tally.rerun_refused == 0

@@ -35,8 +35,8 @@ from tracestar.index.store import IndexStore, as_float32, read_manifest
 from tracestar.index.writer import (
     COMPRESSED_DIR,
     COMPRESSED_FORMS,
-    MANIFEST,
     INT8_DIR,
+    MANIFEST,
     PQ_FILE,
     VECTORS,
     int8_paths,
