@@ -287,3 +287,27 @@ def test_trace_shows_each_windows_span(chunked):
     assert all(len(h["tokens"]) == h["end"] - h["start"] for h in hits)  # each window explained, token by token
     text = format_trace(result, searched="exact")
     assert all(f"#{h['chunk']} [{h['start']}, {h['end']})" in text for h in hits)
+
+
+def test_serve_lists_windows_with_heat_maps_and_links_to_each_window(chunked):
+    from urllib.parse import parse_qs, urlparse
+
+    from tracestar.serve.engine import Engine
+    from tracestar.serve.pages import document_page
+
+    engine = Engine(chunked["index"], max_new_tokens=2, top_k=3)
+    out = engine.trace("the capital of france is", target=" paris")
+    html = out["html"]["proponents"]
+    for h in out["proponents"]:
+        assert f"#{h['chunk']} [{h['start']}, {h['end']})" in html
+    assert html.count('class="heat ') >= sum(h["end"] - h["start"] - 1 for h in out["proponents"])  # heat maps drawn
+    links = [a.split('"')[0].replace("&amp;", "&") for a in html.split('href="')[1:]]
+    assert len(links) == 3 and all("chunk=" in link for link in links)
+    h = out["proponents"][0]
+    params = {k: v[0] for k, v in parse_qs(urlparse(links[0]).query).items()}
+    assert (params["doc"], int(params["chunk"])) == (h["doc_id"], h["chunk"])
+    query, att = engine.document(out["trace_id"], h["doc_id"], None, h["chunk"])
+    assert (att.chunk, att.start, att.end) == (h["chunk"], h["start"], h["end"])
+    assert abs(att.doc_score - h["score"]) <= 1e-6 + 1e-4 * abs(h["score"])
+    page = document_page(engine, h["doc_id"], query, att)
+    assert f"#{h['chunk']} [{h['start']}, {h['end']})" in page

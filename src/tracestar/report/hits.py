@@ -136,7 +136,7 @@ def doc_list(
     items: Sequence[Mapping[str, Any]],
     query_id: str,
     docs: Mapping[str, str],
-    token_scores: Mapping[tuple[str, str], Sequence[Token]] | None,
+    token_scores: Mapping[tuple[str, str | tuple[str, int]], Sequence[Token]] | None,
     *,
     kind: str,
     scale: float,
@@ -144,7 +144,7 @@ def doc_list(
     open_first: int,
     max_tokens: int,
     max_chars: int,
-    links: Mapping[str, str] | None = None,
+    links: Mapping[str | tuple[str, int], str] | None = None,
 ) -> str:
     if not items:
         return f'<p class="empty">no {kind}</p>'
@@ -156,7 +156,7 @@ def doc_list(
         rows.append(
             _doc_entry(
                 rank, item, docs, toks, scale, marks=marks, open_=rank <= open_first,
-                max_tokens=max_tokens, max_chars=max_chars, link=(links or {}).get(str(item.get("doc_id"))),
+                max_tokens=max_tokens, max_chars=max_chars, link=(links or {}).get(hit_key(item)),
             )
         )
     return f'<ol class="hits {kind}">{"".join(rows)}</ol>'
@@ -165,11 +165,11 @@ def doc_list(
 def hit_list(
     items: Sequence[Mapping[str, Any]],
     docs: Mapping[str, str],
-    token_scores: Mapping[str, Sequence[Token]] | None = None,
+    token_scores: Mapping[str | tuple[str, int], Sequence[Token]] | None = None,
     *,
     kind: str,
     scale: float | None = None,
-    links: Mapping[str, str] | None = None,
+    links: Mapping[str | tuple[str, int], str] | None = None,
     marks: set[str] | frozenset[str] = frozenset(),
     open_first: int = 3,
     max_tokens: int = 3000,
@@ -178,9 +178,10 @@ def hit_list(
     """A ranked list of documents drawn as the report draws it (rank, id, score bar, per-token heat
     map or escaped text), for pages that show results outside a report (`tracestar serve`), so one
     escaping and one heat map serve both. token_scores: doc_id -> tokens; links: doc_id -> URL of the
-    document's own page; scale: the score that fills a bar (default: the largest |score| here).
+    document's own page (both keyed by (doc_id, chunk) for a window: `hit_key`); scale: the score that fills a bar (default: the largest |score| here).
     """
-    keyed = None if token_scores is None else {("", str(d)): t for d, t in token_scores.items()}
+    keyed = None if token_scores is None else {("", d if isinstance(d, tuple) else str(d)): t
+                                               for d, t in token_scores.items()}
     return doc_list(
         items, "", docs, keyed, kind=kind, scale=score_scale(items) if scale is None else scale, marks=set(marks),
         open_first=open_first, max_tokens=max_tokens, max_chars=max_chars, links=links,

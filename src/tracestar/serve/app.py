@@ -244,13 +244,16 @@ async def document(request: Request) -> Response:
 
     engine: Engine = request.app.state.engine
     q = request.query_params
-    trace_id, doc_id, position = q.get("trace"), q.get("doc"), q.get("position")
+    trace_id, doc_id, position, chunk = q.get("trace"), q.get("doc"), q.get("position"), q.get("chunk")
     if not trace_id or doc_id is None:
         raise RequestError(400, "give trace= and doc= (and position= for one token)")
     if position is not None and not position.isdigit():
         raise RequestError(400, f"position: expected a token position, got {position[:20]!r}")
+    if chunk is not None and not chunk.isdigit():
+        raise RequestError(400, f"chunk: expected a window number, got {chunk[:20]!r}")
     pos = int(position) if position is not None else None
-    query, att = await anyio.to_thread.run_sync(engine.document, trace_id, doc_id, pos)
+    query, att = await anyio.to_thread.run_sync(engine.document, trace_id, doc_id, pos,
+                                                int(chunk) if chunk is not None else None)
     page = document_page(engine, doc_id, query, att)
     return HTMLResponse(page, headers={"cache-control": "no-store"})
 

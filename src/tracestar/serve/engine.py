@@ -187,8 +187,10 @@ class Engine:
                 record.attributions.update(found)
         return self._payload(record, qid)
 
-    def document(self, trace_id: str, doc_id: str, position: int | None = None) -> tuple[dict, object]:
-        """(the traced query as a result-like dict, the document's TokenAttribution) for its page."""
+    def document(self, trace_id: str, doc_id: str, position: int | None = None,
+                 chunk: int | None = None) -> tuple[dict, object]:
+        """(the traced query as a result-like dict, the document's TokenAttribution) for its page;
+        `chunk`: the window, in an index built with --chunk-tokens."""
         from tracestar.corpus import Query
         from tracestar.explain import explain_pairs
         from tracestar.trace import one_token, whole
@@ -203,11 +205,12 @@ class Engine:
             if not 0 <= position < len(cont.ids):
                 raise NotFound(f"the trace has no token at position {position}")
             piece = one_token(cont, position, self.index.max_length)
-        key = (piece.query_id, doc_id)
+        row = doc_id if chunk is None else (doc_id, chunk)
+        key = (piece.query_id, row)
         if key not in record.attributions:
             with self.model_turn("document"):
                 vec = self._vectors(record, [piece])[0]
-                found = explain_pairs(self.index, [(Query(piece.query_id, piece.prompt, piece.target), doc_id)],
+                found = explain_pairs(self.index, [(Query(piece.query_id, piece.prompt, piece.target), row)],
                                       texts=self.docs, query_vectors={piece.query_id: vec})
             with self._state_lock:
                 record.attributions.update(found)
@@ -257,20 +260,22 @@ class Engine:
         """The report's hit list (escaped text, heat maps) with a link to each document's page."""
         from urllib.parse import urlencode
 
+        from tracestar.report.hits import hit_key
         from tracestar.report.html import hit_list
 
         position = qid.split("/", 1)[1] if "/" in qid else None
         links = {}
-        for h in hits:
-            params = {"trace": record.trace_id, "doc": h["doc_id"], **({"position": position} if position else {})}
-            links[h["doc_id"]] = "/doc?" + urlencode(params)
+        for h in hits:  # keyed as the list looks them up: by doc id, or (doc id, chunk) for a window
+            params = {"trace": record.trace_id, "doc": h["doc_id"], **({"position": position} if position else {}),
+                      **({"chunk": h["chunk"]} if h.get("chunk") is not None else {})}
+            links[hit_key(h)] = "/doc?" + urlencode(params)
         scores = None
         if explained:
             scores = {}
             for h in hits:
-                att = record.attributions.get((qid, h["doc_id"]))
+                att = record.attributions.get((qid, hit_key(h)))
                 if att is not None:
-                    scores[h["doc_id"]] = [(t, s, att.is_special(i)) for i, (t, s) in enumerate(att.tokens)]
+                    scores[hit_key(h)] = [(t, s, att.is_special(i)) for i, (t, s) in enumerate(att.tokens)]
         return hit_list(hits, self.docs, scores, kind=kind, scale=scale, links=links,
                         open_first=3 if kind == "proponents" else 0, max_tokens=LIST_MAX_TOKENS, max_chars=LIST_MAX_CHARS)
 

@@ -6,6 +6,7 @@ report's own helpers, and the page carries no script at all.
 
 from __future__ import annotations
 
+from tracestar.report.hits import hit_key
 from tracestar.report.html import escape, hit_list
 
 
@@ -14,8 +15,9 @@ def document_page(engine, doc_id: str, query: dict, att) -> str:
     scores) and, for a document longer than the index's max_length, the rest as plain text."""
     text = engine.docs.get(doc_id, "")
     tokens = [(t, s, att.is_special(i)) for i, (t, s) in enumerate(att.tokens)]
-    item = {"doc_id": doc_id, "score": att.doc_score}
-    heat = hit_list([item], engine.docs, {doc_id: tokens}, kind="proponents", open_first=1,
+    span = {} if att.chunk is None else {"chunk": att.chunk, "start": att.start, "end": att.end}  # a window's place
+    item = {"doc_id": doc_id, **span, "score": att.doc_score}
+    heat = hit_list([item], engine.docs, {hit_key(item): tokens}, kind="proponents", open_first=1,
                     max_tokens=len(tokens) + 1, max_chars=len(text) + 1)
     shown = "".join(t for t, _, special in tokens if not special)
     rest = ""
