@@ -123,27 +123,68 @@ def from_optimizer_state(path: str | Path | OptimizerState, model: torch.nn.Modu
     return from_state(state, tracked, eps)
 
 
-#: Bytes of per-document gradients `estimate` may hold at once (`docs_per_batch`).
-ESTIMATE_BYTES = 2**29
+#: Bytes of per-document work `estimate` may hold at once beyond the model's own activations.
+ESTIMATE_BYTES = 2**28
 
 
 def docs_per_batch(tracked: list[Tracked], budget: int = ESTIMATE_BYTES) -> int:
-    """How many documents one `estimate` batch may hold: each document's gradient of the largest
-    matrix is formed (and squared) at once, and a tied matrix's is kept until all its uses are in."""
+    """How many documents one `estimate` batch may hold. Each document's sums are formed in chunks
+    that fit `budget` (`_row_col_sums`), so the batch is bounded only by its padded tokens; this
+    caps it where even one chunk per document would be a whole [a, b] gradient of every matrix."""
     largest = max((a * b for a, b in (t.shape for t in tracked)), default=1)
-    tied = sum(a * b for a, b in (t.shape for t in tracked if len(t.sites) > 1))
-    return max(1, budget // (4 * (2 * largest + tied)))
+    return max(1, min(256, 64 * budget // (4 * largest)))
+
+
+def _row_col_sums(a_side: torch.Tensor | tuple, b_side: torch.Tensor, budget: int = ESTIMATE_BYTES
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per document, the row and column sums of G² for G = Aᵀ B: ([N, a], [N, b]) float64.
+
+    `a_side` is A [N, T, a], or ("ids", ids [N, T], a) for an embedding's one-hot rows; `b_side`
+    is B [N, T, b]. When T (a + b) < a b the sums come from T × T Gram matrices,
+
+        Σ_j G[i, j]² = (Aᵀ (B Bᵀ) A)[i, i]      Σ_i G[i, j]² = (Bᵀ (A Aᵀ) B)[j, j],
+
+    so a short document never forms its [a, b] gradient (for SmolLM2's 49,152 × 576 tied head that
+    is 113 MB per document); otherwise G is formed and squared. Float64 either way (a Gram form
+    sums terms that may cancel). Documents are taken in chunks whose work fits `budget`.
+    """
+    N, T, b = b_side.shape
+    a = a_side[2] if isinstance(a_side, tuple) else a_side.shape[2]
+    gram = T * (a + b) < a * b
+    per_doc = 8 * (3 * T * (a + b) + 2 * T * T) if gram else 8 * 2 * a * b
+    step = max(1, budget // per_doc)
+    rows, cols = [], []
+    for i in range(0, N, step):
+        A, B = _dense(a_side, i, i + step).double(), b_side[i:i + step].double()  # [c, T, a], [c, T, b]
+        if gram:
+            rows.append((torch.bmm(torch.bmm(B, B.transpose(1, 2)), A) * A).sum(dim=1))
+            cols.append((torch.bmm(torch.bmm(A, A.transpose(1, 2)), B) * B).sum(dim=1))
+        else:
+            g = torch.bmm(A.transpose(1, 2), B).square_()  # [c, a, b]
+            rows.append(g.sum(dim=2))
+            cols.append(g.sum(dim=1))
+    return torch.cat(rows).cpu(), torch.cat(cols).cpu()
+
+
+def _dense(a_side: torch.Tensor | tuple, lo: int, hi: int) -> torch.Tensor:
+    """Documents lo:hi of an A side as a dense [c, T, a] tensor (one-hot rows built here)."""
+    if not isinstance(a_side, tuple):
+        return a_side[lo:hi]
+    _, ids, a = a_side
+    ids = ids[lo:hi]
+    return torch.zeros(*ids.shape, a, dtype=torch.float64, device=ids.device).scatter_(2, ids.unsqueeze(-1), 1.0)
 
 
 class _SquareSums:
     """Hooks that add each document's Σ_j G[i, j]² and Σ_i G[i, j]² per tracked matrix, where G is
     that document's gradient of the matrix, from one batched forward and backward.
 
-    Why it is exact: a site's gradient is a sum over positions of δ_t x_tᵀ (Linear: [out, in];
-    Conv1D: [in, out]; an embedding: δ_t added to row id_t), and each document's loss depends
-    only on its own positions, so one backward of the summed loss gives every document's δ. A
-    matrix used at several sites (a tied embedding and LM head) sums its sites' gradients before
-    squaring. Parameters stay frozen: no weight gradient is formed besides these.
+    Why it is exact: a site's gradient is a sum over positions, G = Aᵀ B with A, B [T, ·] (Linear:
+    A = δ, B = x; Conv1D: A = x, B = δ; an embedding: A = the ids' one-hot rows, B = δ), and each
+    document's loss depends only on its own positions, so one backward of the summed loss gives
+    every document's δ. A matrix used at several sites (a tied embedding and LM head) is the sum
+    of its sites' Aᵀ B, i.e. one Aᵀ B with the sites' positions concatenated, and is squared only
+    then. Parameters stay frozen: no weight gradient is formed (`_row_col_sums`).
 
     A batch's sums are kept per document until its backward is done, so that a document whose
     gradient has a NaN or inf anywhere (an fp16 overflow) is left out whole (`end_batch`).
@@ -153,7 +194,7 @@ class _SquareSums:
         self.rows = {t.name: torch.zeros(t.shape[0], dtype=torch.float64) for t in tracked}
         self.cols = {t.name: torch.zeros(t.shape[1], dtype=torch.float64) for t in tracked}
         self.tracked = tracked
-        self.tied: dict[str, torch.Tensor] = {}  # [B, a, b] partial gradients of tied matrices
+        self.tied: dict[str, list[tuple]] = {}  # (A side, B side) of each site of a tied matrix so far
         self.batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # [B, a], [B, b] float64 per document
 
     def hooks(self) -> list:
@@ -174,28 +215,31 @@ class _SquareSums:
         return hook
 
     def _add(self, t: Tracked, kind: str, x: torch.Tensor, delta: torch.Tensor) -> None:
-        delta = delta.float()  # [B, T, out]
+        delta = delta.detach()  # [B, T, out]
+        x = x.detach()
         if kind == "linear":
-            g = torch.bmm(delta.transpose(1, 2), x.float())  # [B, out, in]
+            sides = (delta, x)
         elif kind == "conv1d":
-            g = torch.bmm(x.float().transpose(1, 2), delta)  # [B, in, out]
+            sides = (x, delta)
         else:  # embedding: row id_t gets δ_t
-            B, T, d = delta.shape
-            g = delta.new_zeros(B, t.shape[0], d)
-            g.scatter_add_(1, x.unsqueeze(-1).expand(B, T, d), delta)  # [B, vocab, d]
+            sides = (("ids", x, t.shape[0]), delta)
         if len(t.sites) > 1:
-            self.tied[t.name] = g if t.name not in self.tied else self.tied[t.name] + g
+            self.tied.setdefault(t.name, []).append(sides)
         else:
-            self._square(t.name, g)
+            self.batch[t.name] = _row_col_sums(*sides)
 
-    def _square(self, name: str, g: torch.Tensor) -> None:
-        sq = g.square_()  # [B, a, b]
-        self.batch[name] = (sq.sum(dim=2, dtype=torch.float64).cpu(), sq.sum(dim=1, dtype=torch.float64).cpu())
+    def _join(self, parts: list[tuple]) -> tuple:
+        """One (A, B) for a tied matrix's sites: their positions concatenated."""
+        if len(parts) == 1:
+            return parts[0]
+        n = parts[0][1].shape[0]
+        a_sides = [_dense(a, 0, n) for a, _ in parts]
+        return torch.cat([x.double() for x in a_sides], dim=1), torch.cat([b.double() for _, b in parts], dim=1)
 
     def end_batch(self, n_docs: int) -> int:
         """Add the batch's documents whose sums are all finite; returns how many were left out."""
-        for name, g in self.tied.items():
-            self._square(name, g)
+        for name, parts in self.tied.items():
+            self.batch[name] = _row_col_sums(*self._join(parts))
         self.tied.clear()
         good = torch.ones(n_docs, dtype=torch.bool)
         for r, c in self.batch.values():
@@ -211,9 +255,9 @@ def estimate(model: torch.nn.Module, tracked: list[Tracked], batches: Iterable, 
     """V = mean squared per-document gradient over the documents of `batches`.
 
     Each batch holds several documents (at most `docs_per_batch`): one forward and backward per
-    batch, with each document's gradient formed per tracked matrix by hooks (`_SquareSums`)
-    instead of one autograd pass per document, which cost a model call per document (10× a
-    training step's cost per document on a small model). The factored form is fitted by row and
+    batch, with each document's row and column sums of g² formed per tracked matrix by hooks
+    (`_SquareSums`), instead of one autograd pass with weight gradients per document, which cost
+    a model call and every [a, b] gradient per document. The factored form is fitted by row and
     column means, like the Adam fit; a mean over documents commutes with a mean over a row, so
     each gradient's squares go straight into row and column sums: no [a, b] float64 sum per
     matrix. `loss_fn(model, batch)` gives [B] per-document losses; `reduce` all-reduces the sums
