@@ -23,8 +23,10 @@ Steps, each printed as it ends:
    4·D per document); the exact and int8 scans read every byte, so their latency scales with
    D × rows (also checked against step 6's exact scan at 2^16); PQ's cost per query grows at most
    linearly with the rows it scans, and IVF probing scans 1/16 of 1M: step 6's latency ×
-   max(1, 62,500 / its rows) bounds it from above; the build rate is the measured rate at `--proj-dim` times the measured
-   rate ratio (2^16 ÷ `--proj-dim`) of step 3's probes.
+   max(1, 62,500 / its rows) bounds it from above. The build time is the large build's
+   per-document phases (corpus pass, final vectors, writes) divided by the probes' corpus-pass
+   rate ratio (2^16 ÷ `--proj-dim`), plus the 2^16 probe's fixed phases and its R statistics
+   scaled to the 10,000 documents R reads.
 
 The machine may be shared, so every latency is also printed as a ratio to a reference measured in
 the same run; the absolute seconds are for orientation only.
@@ -219,6 +221,28 @@ def pq_high_dim(root: Path, rows: int, n_q: int, dim: int = HIGH_DIM) -> dict:
 # --- report --------------------------------------------------------------------------------------
 
 
+PER_DOC_PHASES = ("corpus pass", "final vectors", "writes")  # grow with the documents; the rest is fixed
+R_FIT_DOCS = 10_000  # R statistics read at most this many documents (`--fit-docs` default)
+
+
+def _pass_rate_ratio(lo: dict, hi: dict) -> float:
+    """Corpus-pass docs/s at 2^16 ÷ at the small dimension, from the probes' manifest timings."""
+    return lo["timings"]["corpus pass"] / hi["timings"]["corpus pass"]
+
+
+def build_at_high_dim(built: dict, probe: dict) -> dict:
+    """A 1M-document build at 2^16 dims: the large build's per-document phases at the small
+    dimension ÷ the probes' corpus-pass ratio, plus the 2^16 probe's fixed phases (load, V,
+    eigendecomposition) and its R statistics scaled to R_FIT_DOCS documents."""
+    t, hi = built["timings"], probe["hi_timings"]
+    per_doc_lo = sum(t.get(k, 0.0) for k in PER_DOC_PHASES) / built["docs"]
+    fixed_hi = sum(v for k, v in hi.items() if k not in PER_DOC_PHASES + ("R statistics", "total"))
+    r_stats_hi = hi.get("R statistics", 0.0) * min(1_000_000, R_FIT_DOCS) / probe["docs"]
+    per_doc_hi = per_doc_lo / probe["pass_ratio"]
+    seconds = fixed_hi + r_stats_hi + per_doc_hi * 1_000_000
+    return {"build_docs_per_s_2^16": 1_000_000 / seconds, "build_hours_1M_2^16": seconds / 3600}
+
+
 def extrapolate(n_docs: int, dim: int, built: dict, sizes: dict, lat: dict, probe: dict, hi: dict | None) -> dict:
     """The measured figures at `dim` carried to HIGH_DIM dims and 1M rows (rules in the module docstring)."""
     f = HIGH_DIM / dim
@@ -227,9 +251,8 @@ def extrapolate(n_docs: int, dim: int, built: dict, sizes: dict, lat: dict, prob
         "index_bytes_1M_2^16": {k: v * f * rows for k, v in sizes.items() if k in ("raw", "vectors")},
         "exact_s_per_query_1M_2^16": lat["exact"]["s_per_query"] * f * rows,
         "int8_s_per_query_1M_2^16": lat.get("int8", {}).get("s_per_query", float("nan")) * f * rows,
-        "build_docs_per_s_2^16": built["docs_per_s"] * probe["rate_ratio"],
     }
-    out["build_hours_1M_2^16"] = 1_000_000 / out["build_docs_per_s_2^16"] / 3600
+    out.update(build_at_high_dim(built, probe))
     if hi:
         # measured at 2^16 on hi["rows"] rows: the exact scan grows with the rows; PQ's cost per query is
         # at most linear in the rows it scans, which IVF makes 1/IVF_PROBE_SHARE of 1M (an upper bound:
@@ -250,6 +273,8 @@ def main() -> None:
     ap.add_argument("--probe-docs", type=int, default=1000, help="documents of the two builds that compare dimensions")
     ap.add_argument("--pq-rows", type=int, default=8192, help="rows of the synthetic 2^16-dim PQ index (0: skip)")
     ap.add_argument("--pq-only", action="store_true")
+    ap.add_argument("--probe-only", type=Path, metavar="OUT.json",
+                    help="only the two probe builds, extrapolating the large build of an earlier --out")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--keep", type=Path, help="build the large index here and keep it (default: a temporary directory)")
     ap.add_argument("--build-child", nargs=4, help=argparse.SUPPRESS)
@@ -285,8 +310,18 @@ def main() -> None:
         lo = build(root / "model", probe_corpus, root / "probe-lo", a.proj_dim)
         hi_b = build(root / "model", probe_corpus, root / "probe-hi", HIGH_DIM)
         probe = {"docs": a.probe_docs, "lo_docs_per_s": lo["docs_per_s"], "hi_docs_per_s": hi_b["docs_per_s"],
+                 "lo_timings": lo["timings"], "hi_timings": hi_b["timings"], "pass_ratio": _pass_rate_ratio(lo, hi_b),
                  "rate_ratio": hi_b["docs_per_s"] / lo["docs_per_s"], "hi_peak_rss_mb": hi_b["peak_rss_mb"]}
-        print(f"probe builds ({a.probe_docs} docs): 2^16 ÷ {a.proj_dim} docs/s = {probe['rate_ratio']:.3f}", flush=True)
+        print(f"probe builds ({a.probe_docs} docs): 2^16 ÷ {a.proj_dim} docs/s = {probe['rate_ratio']:.3f} whole build, "
+              f"{probe['pass_ratio']:.3f} corpus pass", flush=True)
+        print(f"probe: 2^16 build {probe['hi_docs_per_s']:.1f} docs/s, peak RSS {probe['hi_peak_rss_mb']:.0f} MB", flush=True)
+        if a.probe_only:  # the large build's figures from an earlier --out
+            old = json.loads(a.probe_only.read_text())
+            ext = build_at_high_dim(old["build"], probe)
+            print(f"1M docs at 2^16 from {old['docs']} docs at {old['proj_dim']}: {ext['build_docs_per_s_2^16']:.0f} docs/s, "
+                  f"{ext['build_hours_1M_2^16']:.2f} h", flush=True)
+            _dump(a.out, {"probe": probe, "extrapolated": ext})
+            return
         index = a.keep or root / "index"
         built = build(root / "model", corpus, index, a.proj_dim)
         print(f"build: {built['docs']} docs, {built['tokens']} tokens in {built['build_s']:.0f} s: {built['docs_per_s']:.0f} docs/s "
