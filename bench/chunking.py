@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import tiny  # noqa: E402 (the tests' tiny models and tokenizer)
+import tiny  # the tests' tiny models and tokenizer
 
-from tracestar.build import build_index  # noqa: E402
+from tracestar.build import build_index
 
 
 def main() -> None:
