@@ -163,8 +163,9 @@ def prepare_dir(out: Path, identity: dict, overwrite: bool) -> str:
     dist.barrier()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and not build_file.exists() and _only_temporaries(out):
-        # a build killed while it wrote build.json, its first file: it never started
+    # A build killed while it wrote build.json, its first file, never started. Rank 0 decides, so
+    # that no rank looks after rank 0 has already cleared them.
+    if dist.broadcast_object(dist.rank() == 0 and out.is_dir() and not build_file.exists() and _only_temporaries(out)):
         if dist.rank() == 0:
             files.remove_temporaries(out)
         dist.barrier()
