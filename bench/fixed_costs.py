@@ -14,7 +14,10 @@ short documents at a large dimension they dominate. This bench, in one run:
     OMP_NUM_THREADS=1 python bench/fixed_costs.py --docs 3000 --proj-dim 65536 --threads 1 \\
         --raw-dtype float32,bfloat16,none
 
-`--raw-dtype` values other than float32 need a tracestar that has the option.
+`--raw-dtype` values other than float32 need a tracestar that has the option. `--v-only MODEL`
+times V estimation alone (no optimizer state: the mean squared gradient of `--docs` documents):
+
+    OMP_NUM_THREADS=1 python bench/fixed_costs.py --v-only smollm2 --docs 128 --threads 1
 """
 
 from __future__ import annotations
@@ -95,6 +98,49 @@ def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int, raw_dtype: st
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _save_llama_with_tokenizer(preset: str, path: Path) -> None:
+    """A Llama preset of `index_throughput.py` (random weights) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from index_throughput import llama_model
+
+    model = llama_model(preset, "cpu", torch.float32)
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for i in range(model.config.vocab_size - 3):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+
+
+def v_only(model: str, n_docs: int, lo: int, hi: int) -> None:
+    """Time V estimation alone (`Tracer.normalizer` on `n_docs` documents, as a build without an
+    optimizer state runs it) on `model`: "2m" (GPT-2) or a Llama preset such as "smollm2"."""
+    from tracestar.corpus import iter_documents
+    from tracestar.options import BuildOptions
+    from tracestar.tracer import Tracer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if model in SIZES:
+            _save_model_with_tokenizer(model, root / "model")
+        else:
+            _save_llama_with_tokenizer(model, root / "model")
+        tracer = Tracer(root / "model")
+        write_corpus(root / "corpus.jsonl", n_docs, tracer.model.config.vocab_size - 3, lo, hi)
+        docs = list(iter_documents(root / "corpus.jsonl"))
+        _reset = __import__("index_throughput")._reset_peak_rss
+        _reset()
+        t0 = time.perf_counter()
+        tracer.normalizer(BuildOptions(quiet=True), docs)
+        wall = time.perf_counter() - t0
+        rss = __import__("index_throughput")._peak_rss_now_mb()
+        print(f"V estimate, {model} ({tracer.coverage['n_params']:,} parameters), {n_docs} documents of {lo}-{hi} "
+              f"words: {wall:.1f} s ({wall / n_docs * 1000:.0f} ms per document), peak RSS {rss:,.0f} MB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2m", choices=tuple(SIZES))
@@ -105,9 +151,14 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--raw-dtype", default="float32", help="comma list of float32 / bfloat16 / none, each built")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--v-only", default=None, metavar="MODEL",
+                    help="only time V estimation on --docs documents: 2m (GPT-2) or a Llama preset (smollm2)")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.v_only:
+        v_only(args.v_only, args.docs, args.min_words, args.max_words)
+        return
     if args.child:
         model_dir, corpus, out, dim, raw_dtype, batch_tokens = args.child
         _build_child(model_dir, corpus, out, int(dim), raw_dtype, int(batch_tokens))

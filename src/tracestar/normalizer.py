@@ -124,7 +124,7 @@ def from_optimizer_state(path: str | Path | OptimizerState, model: torch.nn.Modu
 
 
 #: Bytes of per-document work `estimate` may hold at once beyond the model's own activations.
-ESTIMATE_BYTES = 2**28
+ESTIMATE_BYTES = 2**26
 
 
 def docs_per_batch(tracked: list[Tracked], budget: int = ESTIMATE_BYTES) -> int:
@@ -135,44 +135,53 @@ def docs_per_batch(tracked: list[Tracked], budget: int = ESTIMATE_BYTES) -> int:
     return max(1, min(256, 64 * budget // (4 * largest)))
 
 
-def _row_col_sums(a_side: torch.Tensor | tuple, b_side: torch.Tensor, budget: int = ESTIMATE_BYTES
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per document, the row and column sums of G² for G = Aᵀ B: ([N, a], [N, b]) float64.
+def _row_col_sums(parts: list[tuple], budget: int = ESTIMATE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per document, the row and column sums of G² for G = Σ_parts Aᵀ B: ([N, a], [N, b]) float64.
 
-    `a_side` is A [N, T, a], or ("ids", ids [N, T], a) for an embedding's one-hot rows; `b_side`
-    is B [N, T, b]. When T (a + b) < a b the sums come from T × T Gram matrices,
+    Each part is (A side, B side) of one site: A [N, T, a], or ("ids", ids [N, T], a) for an
+    embedding's one-hot rows, and B [N, T, b]; the parts of a tied matrix are joined along T
+    (their positions concatenated). When 2 T (a + b) < a b the sums come from T × T Gram matrices,
 
         Σ_j G[i, j]² = (Aᵀ (B Bᵀ) A)[i, i]      Σ_i G[i, j]² = (Bᵀ (A Aᵀ) B)[j, j],
 
-    so a short document never forms its [a, b] gradient (for SmolLM2's 49,152 × 576 tied head that
-    is 113 MB per document); otherwise G is formed and squared. Float64 either way (a Gram form
-    sums terms that may cancel). Documents are taken in chunks whose work fits `budget`.
+    which cost 2 T² (a + b) multiply-adds instead of the T a b of forming G, and a short document
+    never forms its [a, b] gradient (for SmolLM2's 49,152 × 576 tied head, 113 MB per document);
+    otherwise G is formed and squared. Float32 within a document (its sums have at most a few
+    thousand terms), float64 across documents (`_SquareSums`). Documents are taken
+    in chunks whose work fits `budget`, so memory does not grow with the batch.
     """
-    N, T, b = b_side.shape
-    a = a_side[2] if isinstance(a_side, tuple) else a_side.shape[2]
-    gram = T * (a + b) < a * b
-    per_doc = 8 * (3 * T * (a + b) + 2 * T * T) if gram else 8 * 2 * a * b
+    N = parts[0][1].shape[0]
+    T = sum(b_side.shape[1] for _, b_side in parts)
+    a = _width(parts[0][0])
+    b = parts[0][1].shape[2]
+    gram = 2 * T * (a + b) < a * b
+    per_doc = 4 * (3 * T * (a + b) + 2 * T * T) if gram else 4 * (2 * a * b + T * (a + b))
     step = max(1, budget // per_doc)
     rows, cols = [], []
     for i in range(0, N, step):
-        A, B = _dense(a_side, i, i + step).double(), b_side[i:i + step].double()  # [c, T, a], [c, T, b]
+        A = torch.cat([_dense(a_side, i, i + step) for a_side, _ in parts], dim=1)  # [c, T, a]
+        B = torch.cat([b_side[i:i + step].float() for _, b_side in parts], dim=1)  # [c, T, b]
         if gram:
-            rows.append((torch.bmm(torch.bmm(B, B.transpose(1, 2)), A) * A).sum(dim=1))
-            cols.append((torch.bmm(torch.bmm(A, A.transpose(1, 2)), B) * B).sum(dim=1))
+            rows.append((torch.bmm(torch.bmm(B, B.transpose(1, 2)), A).mul_(A)).sum(dim=1).double())
+            cols.append((torch.bmm(torch.bmm(A, A.transpose(1, 2)), B).mul_(B)).sum(dim=1).double())
         else:
             g = torch.bmm(A.transpose(1, 2), B).square_()  # [c, a, b]
-            rows.append(g.sum(dim=2))
-            cols.append(g.sum(dim=1))
+            rows.append(g.sum(dim=2).double())
+            cols.append(g.sum(dim=1).double())
     return torch.cat(rows).cpu(), torch.cat(cols).cpu()
 
 
+def _width(a_side: torch.Tensor | tuple) -> int:
+    return a_side[2] if isinstance(a_side, tuple) else a_side.shape[2]
+
+
 def _dense(a_side: torch.Tensor | tuple, lo: int, hi: int) -> torch.Tensor:
-    """Documents lo:hi of an A side as a dense [c, T, a] tensor (one-hot rows built here)."""
+    """Documents lo:hi of an A side as a dense float32 [c, T, a] tensor (one-hot rows built here)."""
     if not isinstance(a_side, tuple):
-        return a_side[lo:hi]
+        return a_side[lo:hi].float()
     _, ids, a = a_side
     ids = ids[lo:hi]
-    return torch.zeros(*ids.shape, a, dtype=torch.float64, device=ids.device).scatter_(2, ids.unsqueeze(-1), 1.0)
+    return torch.zeros(*ids.shape, a, device=ids.device).scatter_(2, ids.unsqueeze(-1), 1.0)
 
 
 class _SquareSums:
@@ -226,20 +235,12 @@ class _SquareSums:
         if len(t.sites) > 1:
             self.tied.setdefault(t.name, []).append(sides)
         else:
-            self.batch[t.name] = _row_col_sums(*sides)
-
-    def _join(self, parts: list[tuple]) -> tuple:
-        """One (A, B) for a tied matrix's sites: their positions concatenated."""
-        if len(parts) == 1:
-            return parts[0]
-        n = parts[0][1].shape[0]
-        a_sides = [_dense(a, 0, n) for a, _ in parts]
-        return torch.cat([x.double() for x in a_sides], dim=1), torch.cat([b.double() for _, b in parts], dim=1)
+            self.batch[t.name] = _row_col_sums([sides])
 
     def end_batch(self, n_docs: int) -> int:
         """Add the batch's documents whose sums are all finite; returns how many were left out."""
         for name, parts in self.tied.items():
-            self.batch[name] = _row_col_sums(*self._join(parts))
+            self.batch[name] = _row_col_sums(parts)
         self.tied.clear()
         good = torch.ones(n_docs, dtype=torch.bool)
         for r, c in self.batch.values():
