@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -47,7 +48,8 @@ from tracestar.evaluate.lds import (
 BASE_DIM = 1 << 14
 
 
-def rows(dim: int, bergson: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+def rows(dim: int, bergson: bool = False, bergson_dims: tuple[int, ...] = (12, 14, 16),
+         toward_dims: tuple[int, ...] = ()) -> list[tuple[str, str, dict[str, Any]]]:
     out: list[tuple[str, str, dict[str, Any]]] = []
     for v in ("dot", "opt", "opt-norm", "train-r", "trackstar"):
         out.append(("ladder", v, {"variant": v, "dim": dim}))
@@ -71,12 +73,61 @@ def rows(dim: int, bergson: bool = False) -> list[tuple[str, str, dict[str, Any]
         for v in ("opt-norm", "train-r", "trackstar"):
             out.append(("dim", f"{v} dim 2^{d.bit_length() - 1}", {"variant": v, "dim": d}))
     if bergson:
-        # bergson tracks the 8 block matrices (not the tied embedding), k × k each: k = 22 is 3,872 ≈ 2^12
-        out.append(("bergson", "bergson trackstar 8 × 22², no V", {"bergson": 22}))
-        out.append(("bergson", "trackstar 2^12 module blocks, no V", {"variant": None, "dim": 1 << 12, "build": {
-            "blocks": "module", "optimizer_correction": False, "preconditioner": "mixed"}}))
-        out.append(("bergson", "trackstar 2^12 module blocks", {"variant": "trackstar", "dim": 1 << 12, "build": {"blocks": "module"}}))
+        for e in bergson_dims:
+            out += bergson_rows(1 << e)
+    for e in toward_dims:
+        out += toward_bergson_rows(1 << e, bergson)
     return out
+
+
+def bergson_k(dim: int) -> int:
+    """bergson's per-module k for `dim`: it projects each of the 8 block matrices to k × k (it leaves
+    the tied embedding out), so 8 k² ≤ dim is the closest it comes from below."""
+    return math.isqrt(dim // 8)
+
+
+def bergson_rows(dim: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """bergson's `trackstar` beside tracestar at one dimension: the closest layout tracestar has to
+    bergson's (one block per weight matrix, no V, since bergson cannot read Adafactor's V), the same
+    with V, and tracestar's defaults."""
+    e, k = dim.bit_length() - 1, bergson_k(dim)
+    sec = f"bergson 2^{e}"
+    return [
+        (sec, f"bergson trackstar 8 × {k}², no V", {"bergson": k}),
+        (sec, f"trackstar 2^{e} module blocks, no V", {"variant": None, "dim": dim, "build": {
+            "blocks": "module", "optimizer_correction": False, "preconditioner": "mixed"}}),
+        (sec, f"trackstar 2^{e} module blocks", {"variant": "trackstar", "dim": dim, "build": {"blocks": "module"}}),
+        (sec, f"trackstar 2^{e} paper blocks (default)", {"variant": "trackstar", "dim": dim}),
+    ]
+
+
+#: What bergson's `trackstar` (2.5.1) does where tracestar's defaults differ; its damping is the same
+#: (δ = 0.1 times the mean eigenvalue, 1/(σ + δ) on the query against tracestar's 1/√(σ + δ) on both sides).
+BERGSON_SETTINGS: dict[str, Any] = {"blocks": "module", "r_block": 1 << 20, "optimizer_correction": False,
+                                    "unit_norm": False, "preconditioner": "mixed"}
+
+
+def toward_bergson_rows(dim: int, bergson: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """tracestar's default trackstar at `dim`, then one of bergson's settings at a time, then all of
+    them (with and without unit norm). Each row's ΔLDS is paired against the first. bergson's λ comes
+    from its own run at this dimension (component 1,000 of its pooled spectra, not scaled to the
+    dimension) when --bergson is given, else the 0.91 it chose on the fact world."""
+    e = dim.bit_length() - 1
+    sec, base = f"toward bergson 2^{e}", f"trackstar 2^{e} (tracestar defaults)"
+    lam: Any = ("bergson", bergson_k(dim)) if bergson else 0.91
+    lam_label = "bergson's λ" if bergson else "λ 0.91"
+    mixed = {"variant": None, "dim": dim, "ref": base}
+    bs = BERGSON_SETTINGS
+    return [
+        (sec, base, {"variant": "trackstar", "dim": dim}),
+        (sec, f"2^{e} + module blocks", {"variant": "trackstar", "dim": dim, "ref": base, "build": {"blocks": "module"}}),
+        (sec, f"2^{e} + one full R per block", {"variant": "trackstar", "dim": dim, "ref": base, "build": {"r_block": 1 << 20}}),
+        (sec, f"2^{e} + {lam_label}", {"variant": "trackstar", "dim": dim, "ref": base, "refit": {"lam": lam}}),
+        (sec, f"2^{e} + no V", {**mixed, "build": {"optimizer_correction": False, "preconditioner": "mixed"}}),
+        (sec, f"2^{e} + raw lengths (no unit norm)", {**mixed, "build": {"unit_norm": False, "preconditioner": "mixed"}}),
+        (sec, f"2^{e} all of bergson's settings", {**mixed, "build": dict(bs), "refit": {"lam": lam}}),
+        (sec, f"2^{e} all of bergson's but unit norm", {**mixed, "build": {**bs, "unit_norm": True}, "refit": {"lam": lam}}),
+    ]
 
 
 def _index_dir(root: Path, spec: dict[str, Any]) -> Path:
@@ -88,6 +139,16 @@ def _refit_dir(base: Path, refit_opts: dict[str, Any]) -> Path:
     return base.with_name(base.name + "-refit-" + "-".join(f"{k}{v}" for k, v in sorted(refit_opts.items())))
 
 
+def _resolve_lam(root: Path, lam: Any) -> float | None:
+    """A refit's λ: a number, None (automatic), or ("bergson", k): the λ bergson chose at k."""
+    if isinstance(lam, tuple):
+        path = root / f"bergson-k{lam[1]}" / "lambda.txt"
+        if not path.exists():
+            raise SystemExit(f"{path}: not found (run the bergson {lam[1]} row first: --bergson PYTHON)")
+        return round(float(path.read_text()), 4)
+    return lam
+
+
 def index_for(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> Path:
     """The index of a row: built once (cached by its directory), then refitted when the row asks."""
     base = _index_dir(root, spec)
@@ -97,12 +158,15 @@ def index_for(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> Pat
     if "refit" not in spec:
         return base
     opts = dict(spec["refit"])
+    if "lam" in opts:
+        opts["lam"] = _resolve_lam(root, opts["lam"])
     out = _refit_dir(base, opts)
     eval_q = str(data.queries_path)
     if "eval_n" in opts:
         eval_q = str(root / f"eval-queries-{opts['eval_n']}.jsonl")
         write_jsonl(eval_q, [{"id": q.id, "prompt": q.prompt, "target": q.target} for q in data.queries[: opts["eval_n"]]])
-    kind = "mixed" if spec["variant"] == "trackstar" else "train"
+    mixed = spec["variant"] == "trackstar" or spec.get("build", {}).get("preconditioner") == "mixed"
+    kind = "mixed" if mixed else "train"
     refit(base, out, eval_queries=eval_q if kind == "mixed" else None, preconditioner=kind, lam=opts.get("lam"),
           damping=opts.get("damping"), quiet=True)
     return out
@@ -114,9 +178,12 @@ def _lambda(index_dir: Path) -> float | None:
 
 
 def row_scores(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """[Q, N] scores of one row, and what to print beside them (λ, dimension)."""
+    """[Q, N] scores of one row, and what to print beside them (λ, dimension, seconds to build)."""
     if "bergson" in spec:
-        return bergson_scores(data, root / f"bergson-k{spec['bergson']}", spec["bergson"]), {"dim": 8 * spec["bergson"] ** 2}
+        k = spec["bergson"]
+        work = root / f"bergson-k{k}"
+        scores = bergson_scores(data, work, k)
+        return scores, {"dim": 8 * k * k, "lambda": bergson_lambda(work), "build_s": float((work / "seconds.txt").read_text())}
     if "baseline" in spec:
         if spec["baseline"] == EXACT:
             cache = root / "exact-scores.npy"
@@ -126,7 +193,13 @@ def row_scores(data: LdsData, root: Path, spec: dict[str, Any], seed: int) -> tu
         return baseline_scores(spec["baseline"], data.texts, data.queries, data.relevant, seed), {}
     d = index_for(data, root, spec, seed)
     manifest = json.loads((d / "manifest.json").read_text())
-    return index_scores(d, data.queries, data.model_dir), {"lambda": _lambda(d), "dim": manifest["dim"]}
+    t0 = time.monotonic()
+    scores = index_scores(d, data.queries, data.model_dir)
+    extra = {"lambda": _lambda(d), "dim": manifest["dim"], "score_s": round(time.monotonic() - t0, 2)}
+    base = json.loads((_index_dir(root, spec) / "manifest.json").read_text())
+    if "total" in base.get("timings", {}):
+        extra["build_s"] = base["timings"]["total"]
+    return scores, extra
 
 
 #: Where a Python with bergson installed is (`--bergson`); bergson is not a dependency of tracestar.
@@ -169,6 +242,24 @@ def bergson_scores(data: LdsData, work: Path, k: int) -> np.ndarray:
     return np.stack([rec[f"score_{q}"].astype(np.float64) for q in range(info["num_scores"])])  # [Q, N]
 
 
+def bergson_lambda(work: Path) -> float | None:
+    """The λ bergson mixed its Hessians with (its `compute_lambda` on the saved spectra), cached in lambda.txt."""
+    import subprocess
+
+    path = work / "lambda.txt"
+    if not path.exists():
+        if BERGSON_PYTHON is None:
+            return None
+        run = work / "run"
+        code = ("import sys, torch; from bergson.utils.math import compute_lambda; "
+                "ld = lambda p: torch.load(p, weights_only=False); "
+                f"print(compute_lambda(ld('{run}/query_hessian/hessians_eigen.pth'), "
+                f"ld('{run}/value_hessian/hessians_eigen.pth'), 1000))")
+        out = subprocess.run([BERGSON_PYTHON, "-c", code], check=True, capture_output=True, text=True).stdout
+        path.write_text(out.strip().splitlines()[-1] + "\n")
+    return float(path.read_text())
+
+
 def tail_patch_rows(data: LdsData, results: dict[str, list[dict]], n_queries: int) -> dict[str, dict[str, Any]]:
     """Δ log p(target) after one step on each row's top-1 and top-10 proponents, on one query sample."""
     from tracestar.evaluate.run import sample_queries
@@ -184,25 +275,35 @@ def tail_patch_rows(data: LdsData, results: dict[str, list[dict]], n_queries: in
 
 def format_table(table: list[dict[str, Any]], reference: str = "trackstar") -> str:
     """Markdown, one line per row; ΔLDS is paired (same queries, same runs) against the `reference`
-    row, with a bootstrap CI over queries: rows differ by less than their own CIs suggest."""
+    row, or the row's own "ref" (the first row of its section), with a bootstrap CI over queries:
+    rows differ by less than their own CIs suggest. "build s": the index build (the base index of a
+    refit), or bergson's whole pipeline."""
     from tracestar.evaluate.lds import bootstrap_ci
 
-    ref = next((np.array(r["per_query"]) for r in table if r["row"] == reference), None)
-    lines = [f"| section | row | λ | LDS [95% CI] | ΔLDS vs {reference} [95% CI] | MRR | R@10 | Δlog p @1 | Δlog p @10 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    per_query = {r["row"]: np.array(r["per_query"]) for r in table}
+    lines = [(f"| section | row | λ | LDS [95% CI] | ΔLDS vs {reference} or the section's first row [95% CI] | MRR | R@10 | "
+              "Δlog p @1 | Δlog p @10 | build s |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lam = f"{r['lambda']:.3f}" if r.get("lambda") is not None else ""
         tp = r.get("tailpatch") or {}
         t1 = f"{tp['1']['delta_logprob']:+.3f}" if "1" in tp else ""
         t10 = f"{tp['10']['delta_logprob']:+.3f}" if "10" in tp else ""
+        ref = r.get("ref", reference)
         diff = ""
-        if ref is not None and r["row"] != reference:
-            d = np.array(r["per_query"]) - ref
+        if ref in per_query and r["row"] != ref:
+            d = np.array(r["per_query"]) - per_query[ref]
             lo, hi = bootstrap_ci(d)
             diff = f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else ""
         lines.append(f"| {r['section']} | {r['row']} | {lam} | {r['lds']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {diff} | "
-                     f"{r['mrr']:.3f} | {r['recall@10']:.3f} | {t1} | {t10} |")
+                     f"{r['mrr']:.3f} | {r['recall@10']:.3f} | {t1} | {t10} | {build} |")
     return "\n".join(lines)
+
+
+def _exponents(text: str) -> tuple[int, ...]:
+    """"12,14,16" → (12, 14, 16); "" → ()."""
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def main() -> None:
@@ -215,7 +316,11 @@ def main() -> None:
     ap.add_argument("--tail-patch", type=int, default=50, help="queries to tail-patch (0: none)")
     ap.add_argument("--sections", help="comma-separated sections to run (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bergson", metavar="PYTHON", help="a Python with bergson installed: adds bergson's trackstar at ~2^12")
+    ap.add_argument("--bergson", metavar="PYTHON", help="a Python with bergson installed: adds bergson's trackstar "
+                    "beside tracestar at each of --bergson-dims")
+    ap.add_argument("--bergson-dims", default="12,14,16", help="exponents of 2 for the bergson rows (default %(default)s)")
+    ap.add_argument("--toward-dims", default="14", help="exponents of 2 at which tracestar's defaults move one at a time "
+                    "to bergson's settings (default %(default)s; empty: none)")
     ap.add_argument("--render", action="store_true", help="print OUT/table.json as Markdown and stop")
     args = ap.parse_args()
     if args.render:
@@ -239,12 +344,15 @@ def main() -> None:
           f"{len(data.queries)} queries ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
     wanted = set(args.sections.split(",")) if args.sections else None
     table, lists, root = [], {}, out / "indexes"
-    for section, label, spec in rows(args.dim, bergson=bool(args.bergson)):
+    plan = rows(args.dim, bergson=bool(args.bergson), bergson_dims=_exponents(args.bergson_dims),
+                toward_dims=_exponents(args.toward_dims))
+    for section, label, spec in plan:
         if wanted and section not in wanted:
             continue
         t1 = time.monotonic()
         scores, extra = row_scores(data, root, spec, args.seed)
-        table.append({"section": section, "row": label, **extra, **score_summary(data, scores, seed=args.seed)})
+        ref = {"ref": spec["ref"]} if "ref" in spec else {}
+        table.append({"section": section, "row": label, **ref, **extra, **score_summary(data, scores, seed=args.seed)})
         lists[label] = top_results(scores, data.doc_ids, data.queries, k=10)
         r = table[-1]
         print(f"{section:>14} {label:<36} LDS {r['lds']:+.3f}  MRR {r['mrr']:.3f}  ({time.monotonic() - t1:.0f} s)",
