@@ -212,8 +212,9 @@ class _FakeIndex:
             self.manifest["variant"] = variant
         self.doc_ids = list(TOY_DOCS)
         self.reverse = reverse
+        self.store = types.SimpleNamespace(chunked=False)  # one row per document
 
-    def query(self, queries, top_k=10, model_dir=None):
+    def query(self, queries, top_k=10, model_dir=None, by_doc=False):
         ids = self.doc_ids[::-1] if self.reverse else self.doc_ids
         return [_res(q.id, ids[:top_k]) for q in queries]
 

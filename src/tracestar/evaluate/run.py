@@ -190,53 +190,15 @@ def evaluate(
     remove_temporaries(out)  # what a killed evaluation left
     manifest = idx.manifest
     model_dir = Path(model_dir) if model_dir is not None else Path(manifest["model"]["path"])
-    corpus = manifest.get("corpus") or {}
-    corpus_path = corpus.get("path")
-    text_field, id_field = corpus.get("text_field", "text"), corpus.get("id_field", "id")
+    corpus_path = (manifest.get("corpus") or {}).get("path")
 
-    method_results: dict[str, list[dict[str, Any]]] = {}
-    t0 = time.time()
-    _log(f"tracestar: querying {len(queries)} queries ...", quiet)
-    # relevance is labelled per document: an index of windows (--chunk-tokens) ranks documents by their best window
-    method_results["tracestar"] = list(idx.query(queries, top_k=top_k, model_dir=model_dir, by_doc=idx.store.chunked))
-    timings = {"tracestar_query_s": round(time.time() - t0, 1)}
-    if bm25:
-        from tracestar.evaluate.bm25 import bm25_results
-
-        if not corpus_path:
-            raise ValueError(f"{index_dir}: manifest names no corpus; BM25 needs the corpus text")
-        t0 = time.time()
-        method_results["bm25"] = bm25_results(corpus_path, queries, top_k=top_k, text_field=text_field, id_field=id_field)
-        timings["bm25_s"] = round(time.time() - t0, 1)
-    variant_names: list[str] = []
-    taken = {"tracestar", "bm25", "relevant", *NOT_METHODS}
-    for v in variants:
-        vidx = open_index(v)
-        name = _index_name(vidx.manifest, Path(v), taken)
-        taken.add(name)
-        variant_names.append(name)
-        t0 = time.time()
-        _log(f"tracestar: querying variant {name} ...", quiet)
-        method_results[name] = list(vidx.query(queries, top_k=top_k, model_dir=model_dir, by_doc=vidx.store.chunked))
-        timings[f"{name}_query_s"] = round(time.time() - t0, 1)
-    method_results["relevant"] = _relevant_results(queries, top_k)
-
-    patcher = doc_texts = None
-    tp_methods = None
+    method_results, variant_names, timings = _rank_all(idx, index_dir, queries, variants, top_k=top_k, model_dir=model_dir,
+                                                       bm25=bm25, quiet=quiet)
+    patcher = doc_texts = tp_methods = None
     if tail_patch:
-        from tracestar.corpus import texts_by_id
-        from tracestar.evaluate.tailpatch import TailPatcher
-
-        if not corpus_path:
-            raise ValueError(f"{index_dir}: manifest names no corpus; tail-patch needs the document text")
-        patcher = TailPatcher.from_dir(model_dir, optimizer_state=_optimizer_state_for(model_dir, manifest) or False, lr=lr)
         tp_methods = [m for m in method_results if tail_patch_variants or m not in variant_names]
-        tp_ids = {q.id for q in sample_queries(queries, max_queries)}
-        need = {str(p["doc_id"]) for m in tp_methods for r in method_results[m] if str(r["query_id"]) in tp_ids
-                for p in r["proponents"][:top_k]}
-        doc_texts = texts_by_id(corpus_path, need, text_field=text_field, id_field=id_field)
-        _log(f"tracestar: tail-patch over {len(tp_ids)} queries, {len(need)} documents "
-             f"({patcher.optimizer_kind}, lr={patcher.lr:g}) ...", quiet)
+        patcher, doc_texts = _tail_patch_inputs(index_dir, manifest, model_dir, queries, method_results, tp_methods,
+                                                top_k=top_k, lr=lr, max_queries=max_queries, quiet=quiet)
 
     metrics = evaluate_results(queries, method_results, ks=ks, patcher=patcher, doc_texts=doc_texts,
                                tail_patch_methods=tp_methods, max_queries=max_queries,
@@ -255,6 +217,65 @@ def evaluate(
         write_jsonl(rank_dir / f"{m}.jsonl", results)
     write_report(metrics, out)
     return metrics
+
+
+def _rank_all(idx, index_dir, queries: list[Query], variants: Sequence[str | Path], *, top_k: int, model_dir: Path,
+              bm25: bool, quiet: bool) -> tuple[dict[str, list[dict[str, Any]]], list[str], dict[str, float]]:
+    """Every method's ranked lists for every query: tracestar, BM25, the variant indexes, and the
+    fact-stating documents themselves; with the variants' names and the time each method took."""
+    from tracestar.api import open_index
+
+    corpus = idx.manifest.get("corpus") or {}
+    method_results: dict[str, list[dict[str, Any]]] = {}
+    t0 = time.time()
+    _log(f"tracestar: querying {len(queries)} queries ...", quiet)
+    # relevance is labelled per document: an index of windows (--chunk-tokens) ranks documents by their best window
+    method_results["tracestar"] = list(idx.query(queries, top_k=top_k, model_dir=model_dir, by_doc=idx.store.chunked))
+    timings = {"tracestar_query_s": round(time.time() - t0, 1)}
+    if bm25:
+        from tracestar.evaluate.bm25 import bm25_results
+
+        if not corpus.get("path"):
+            raise ValueError(f"{index_dir}: manifest names no corpus; BM25 needs the corpus text")
+        t0 = time.time()
+        method_results["bm25"] = bm25_results(corpus["path"], queries, top_k=top_k, text_field=corpus.get("text_field", "text"),
+                                              id_field=corpus.get("id_field", "id"))
+        timings["bm25_s"] = round(time.time() - t0, 1)
+    variant_names: list[str] = []
+    taken = {"tracestar", "bm25", "relevant", *NOT_METHODS}
+    for v in variants:
+        vidx = open_index(v)
+        name = _index_name(vidx.manifest, Path(v), taken)
+        taken.add(name)
+        variant_names.append(name)
+        t0 = time.time()
+        _log(f"tracestar: querying variant {name} ...", quiet)
+        method_results[name] = list(vidx.query(queries, top_k=top_k, model_dir=model_dir, by_doc=vidx.store.chunked))
+        timings[f"{name}_query_s"] = round(time.time() - t0, 1)
+    method_results["relevant"] = _relevant_results(queries, top_k)
+    return method_results, variant_names, timings
+
+
+def _tail_patch_inputs(index_dir, manifest: Mapping[str, Any], model_dir: Path, queries: list[Query],
+                       method_results: Mapping[str, list[dict[str, Any]]], tp_methods: list[str], *, top_k: int,
+                       lr: float | None, max_queries: int | None, quiet: bool):
+    """The tail-patcher (the checkpoint's own optimizer, one step) and the texts of every document
+    it will patch with: the top-k proponents of the sampled queries, for every patched method."""
+    from tracestar.corpus import texts_by_id
+    from tracestar.evaluate.tailpatch import TailPatcher
+
+    corpus = manifest.get("corpus") or {}
+    if not corpus.get("path"):
+        raise ValueError(f"{index_dir}: manifest names no corpus; tail-patch needs the document text")
+    patcher = TailPatcher.from_dir(model_dir, optimizer_state=_optimizer_state_for(model_dir, manifest) or False, lr=lr)
+    tp_ids = {q.id for q in sample_queries(queries, max_queries)}
+    need = {str(p["doc_id"]) for m in tp_methods for r in method_results[m] if str(r["query_id"]) in tp_ids
+            for p in r["proponents"][:top_k]}
+    doc_texts = texts_by_id(corpus["path"], need, text_field=corpus.get("text_field", "text"),
+                            id_field=corpus.get("id_field", "id"))
+    _log(f"tracestar: tail-patch over {len(tp_ids)} queries, {len(need)} documents "
+         f"({patcher.optimizer_kind}, lr={patcher.lr:g}) ...", quiet)
+    return patcher, doc_texts
 
 
 def model_accuracy(model_dir: str | Path, queries: Sequence[Query]) -> float:
