@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -185,6 +186,24 @@ def main() -> None:
                   f"written: raw {mb['raw']:.1f} MB, vectors {mb['vectors']:.1f} MB, preconditioner "
                   f"{mb['preconditioner']:.1f} MB (dim {r['dim']:,}, {r['n_ranges']} R ranges)")
             print("  phases: " + ", ".join(f"{k} {r['timings'][k]:.1f} s" for k in PHASES if k in r["timings"]))
+        if "float32" in args.raw_dtype.split(","):
+            for raw_dtype in [d for d in args.raw_dtype.split(",") if d != "float32"]:
+                cos = _cosines(root / "idx-float32", root / f"idx-{raw_dtype}")
+                print(f"final vectors, --raw-dtype {raw_dtype} vs float32: cosine per document min {cos.min():.6f}, "
+                      f"median {float(np.median(cos)):.6f}")
+
+
+def _cosines(a: Path, b: Path) -> "np.ndarray":
+    """[N] cosine between the two indexes' final vectors of each document."""
+    from tracestar.api import open_index
+    from tracestar.index.store import as_float32
+
+    def vectors(path: Path) -> np.ndarray:
+        idx = open_index(path)
+        return np.concatenate([as_float32(v, idx.manifest["dtype"]) for _, v in idx.store.iter_shards()])
+
+    va, vb = vectors(a), vectors(b)
+    return (va * vb).sum(1) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
 
 
 if __name__ == "__main__":
