@@ -10,11 +10,16 @@ bucket-stratified sample of queries). Rows:
   gradients (no projection, no V, no R), BM25, the fact-stating documents and random scores;
 - damping 0.001 … 1 (train-r and trackstar), R range 512 … 4,096 and one full matrix per block,
   automatic λ against fixed values, R_eval from fewer queries, paper against module blocks,
-  dimension 2^12 … 2^16.
+  dimension 2^12 … 2^16;
+- with --bergson: bergson's `trackstar` beside tracestar at 2^12, 2^14 and 2^16 (bergson's 8 × k²
+  per-module layout matched to tracestar's module blocks of about the same total), and tracestar's
+  defaults moved one setting at a time toward bergson's (blocks, one full R, λ, V, unit norm), then
+  all at once, to find which difference costs attribution.
 
 Everything is cached under --out (the model, each run, each index), so a killed bench resumes:
 
     OMP_NUM_THREADS=1 python bench/lds_table.py --out lds-bench --subsets 64
+    OMP_NUM_THREADS=1 python bench/lds_table.py --out lds-bench --subsets 64 --bergson /path/to/venv/bin/python
 """
 
 from __future__ import annotations
@@ -107,6 +112,11 @@ BERGSON_SETTINGS: dict[str, Any] = {"blocks": "module", "r_block": 1 << 20, "opt
                                     "unit_norm": False, "preconditioner": "mixed"}
 
 
+#: Above this dimension the one-full-R rows are left out: one R per block means 10 eigendecompositions
+#: of 6,400² (module blocks) or 5 of 13,107² (paper blocks) at 2^16, hours on a 2-core CPU.
+FULL_R_MAX_DIM = 1 << 14
+
+
 def toward_bergson_rows(dim: int, bergson: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """tracestar's default trackstar at `dim`, then one of bergson's settings at a time, then all of
     them (with and without unit norm). Each row's ΔLDS is paired against the first. bergson's λ comes
@@ -117,16 +127,25 @@ def toward_bergson_rows(dim: int, bergson: bool) -> list[tuple[str, str, dict[st
     lam: Any = ("bergson", bergson_k(dim)) if bergson else 0.91
     lam_label = "bergson's λ" if bergson else "λ 0.91"
     mixed = {"variant": None, "dim": dim, "ref": base}
-    bs = BERGSON_SETTINGS
-    return [
+    full_r = dim <= FULL_R_MAX_DIM
+    bs = dict(BERGSON_SETTINGS) if full_r else {k: v for k, v in BERGSON_SETTINGS.items() if k != "r_block"}
+    but = "" if full_r else " (R ranges of 2,048)"
+    out = [
         (sec, base, {"variant": "trackstar", "dim": dim}),
         (sec, f"2^{e} + module blocks", {"variant": "trackstar", "dim": dim, "ref": base, "build": {"blocks": "module"}}),
-        (sec, f"2^{e} + one full R per block", {"variant": "trackstar", "dim": dim, "ref": base, "build": {"r_block": 1 << 20}}),
+    ]
+    if full_r:
+        out.append((sec, f"2^{e} + one full R per block", {"variant": "trackstar", "dim": dim, "ref": base,
+                                                           "build": {"r_block": 1 << 20}}))
+    return out + [
         (sec, f"2^{e} + {lam_label}", {"variant": "trackstar", "dim": dim, "ref": base, "refit": {"lam": lam}}),
         (sec, f"2^{e} + no V", {**mixed, "build": {"optimizer_correction": False, "preconditioner": "mixed"}}),
         (sec, f"2^{e} + raw lengths (no unit norm)", {**mixed, "build": {"unit_norm": False, "preconditioner": "mixed"}}),
-        (sec, f"2^{e} all of bergson's settings", {**mixed, "build": dict(bs), "refit": {"lam": lam}}),
-        (sec, f"2^{e} all of bergson's but unit norm", {**mixed, "build": {**bs, "unit_norm": True}, "refit": {"lam": lam}}),
+        (sec, f"2^{e} all of bergson's settings{but}", {**mixed, "build": bs, "refit": {"lam": lam}}),
+        (sec, f"2^{e} all of bergson's but unit norm{but}", {**mixed, "build": {**bs, "unit_norm": True}, "refit": {"lam": lam}}),
+        (sec, f"2^{e} all of bergson's but λ (automatic){but}", {**mixed, "build": bs}),
+        (sec, f"2^{e} + {lam_label} + raw lengths", {**mixed, "build": {"unit_norm": False, "preconditioner": "mixed"},
+                                                     "refit": {"lam": lam}}),
     ]
 
 
