@@ -94,15 +94,15 @@ def bergson_k(dim: int) -> int:
 def bergson_rows(dim: int) -> list[tuple[str, str, dict[str, Any]]]:
     """bergson's `trackstar` beside tracestar at one dimension: the closest layout tracestar has to
     bergson's (one block per weight matrix, no V, since bergson cannot read Adafactor's V), the same
-    with V, and tracestar's defaults."""
+    with V, and tracestar's defaults; each ΔLDS is paired against bergson's row."""
     e, k = dim.bit_length() - 1, bergson_k(dim)
-    sec = f"bergson 2^{e}"
+    sec, ref = f"bergson 2^{e}", f"bergson trackstar 8 × {k}², no V"
     return [
-        (sec, f"bergson trackstar 8 × {k}², no V", {"bergson": k}),
-        (sec, f"trackstar 2^{e} module blocks, no V", {"variant": None, "dim": dim, "build": {
+        (sec, ref, {"bergson": k}),
+        (sec, f"trackstar 2^{e} module blocks, no V", {"variant": None, "dim": dim, "ref": ref, "build": {
             "blocks": "module", "optimizer_correction": False, "preconditioner": "mixed"}}),
-        (sec, f"trackstar 2^{e} module blocks", {"variant": "trackstar", "dim": dim, "build": {"blocks": "module"}}),
-        (sec, f"trackstar 2^{e} paper blocks (default)", {"variant": "trackstar", "dim": dim}),
+        (sec, f"trackstar 2^{e} module blocks", {"variant": "trackstar", "dim": dim, "ref": ref, "build": {"blocks": "module"}}),
+        (sec, f"trackstar 2^{e} paper blocks (default)", {"variant": "trackstar", "dim": dim, "ref": ref}),
     ]
 
 
