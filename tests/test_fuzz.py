@@ -192,8 +192,15 @@ def test_structured_records_are_refused_at_the_right_line_and_field(tmp_path, wh
     names = ("text", "id") if what == "corpus" else ("target", "prompt", "id")
     endings: Counter = Counter()
 
+    good = json.dumps({"text": "a fact", "prompt": "The capital is", "target": " Paris", "id": "x"})
+    bad = json.dumps({"id": 7})  # no text, no target
+
+    # Both endings are tried on every run, whatever the generator draws (the random draws alone
+    # have come out all-refused for queries on some runs).
     @_settings(100, scale)
     @given(lines=st.lists(_record(names), max_size=6))
+    @example(lines=[good])
+    @example(lines=[good, bad])
     def check(lines: list[str]) -> None:
         path.write_text("".join(line + "\n" for line in lines))
         TRIED[f"records-{what}"] += 1
