@@ -127,6 +127,16 @@ def from_optimizer_state(path: str | Path | OptimizerState, model: torch.nn.Modu
 ESTIMATE_BYTES = 2**26
 
 
+#: Bytes of logits (and their gradient, and the LM head's δ kept for a tied matrix) per V batch.
+LOGIT_BYTES = 2**29
+
+
+def estimate_batch_tokens(vocab: int, batch_tokens: int) -> int:
+    """Padded tokens per `estimate` batch: `batch_tokens`, fewer where the [tokens, vocab] logits,
+    their gradient and the kept head δ would pass `LOGIT_BYTES` (SmolLM2's 49,152-token head: 910)."""
+    return max(1, min(batch_tokens, LOGIT_BYTES // (3 * 4 * max(vocab, 1))))
+
+
 def docs_per_batch(tracked: list[Tracked], budget: int = ESTIMATE_BYTES) -> int:
     """How many documents one `estimate` batch may hold. Each document's sums are formed in chunks
     that fit `budget` (`_row_col_sums`), so the batch is bounded only by its padded tokens; this

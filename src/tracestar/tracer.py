@@ -33,7 +33,14 @@ from tracestar.model import (
     tokenizer_hash,
     tracked_matrices,
 )
-from tracestar.normalizer import Normalizer, docs_per_batch, estimate, from_optimizer_state, identity
+from tracestar.normalizer import (
+    Normalizer,
+    docs_per_batch,
+    estimate,
+    estimate_batch_tokens,
+    from_optimizer_state,
+    identity,
+)
 from tracestar.options import BuildOptions
 from tracestar.preconditioner import Preconditioner
 from tracestar.projection import Block
@@ -61,7 +68,8 @@ class Tracer:
 
         def batches():  # several documents per batch, bucketed by length (`normalizer.docs_per_batch`)
             examples = [encode_document(self.tokenizer, d.text, i, opts.max_length) for i, d in enumerate(sample or [])]
-            for group in bucketed(examples, opts.batch_tokens, max_batch=docs_per_batch(self.tracked)):
+            tokens = estimate_batch_tokens(getattr(self.model.config, "vocab_size", 1), opts.batch_tokens)
+            for group in bucketed(examples, tokens, max_batch=docs_per_batch(self.tracked)):
                 batch = collate(group, self.pad)
                 yield batch.to(self.device)
                 if progress is not None:  # resumed once `estimate` has run the batch
