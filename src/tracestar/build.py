@@ -37,6 +37,7 @@ from tracestar.corpus import (
 from tracestar.errors import OptionError
 from tracestar.finalize import describe_work, finalize, owns, rows_of, sample_rows
 from tracestar.index import writer
+from tracestar.index.repair import start_repair
 from tracestar.normalizer import Normalizer, NoSecondMoment
 from tracestar.options import VARIANTS, BuildOptions  # noqa: F401 (re-exported)
 from tracestar.progress import PhaseTimer, bar, say
@@ -73,7 +74,7 @@ def build_index(model_dir: str | Path, corpus: str | Path, out: str | Path, opti
         with timer.phase("verify"):
             repair = None
             if writer.prepare_dir(out, identity, opts.overwrite) == "built":
-                repair = writer.start_repair(out, opts.quiet)
+                repair = start_repair(out, opts.quiet)
                 if repair is None:
                     return out
         if requested != opts.max_length:

@@ -15,7 +15,7 @@ from tracestar import dist
 from tracestar.corpus import read_queries
 from tracestar.errors import IndexStoreError, UserError
 from tracestar.finalize import describe_work, finalize
-from tracestar.index import writer
+from tracestar.index import repair, writer
 from tracestar.index.store import IndexStore
 from tracestar.normalizer import Normalizer
 from tracestar.options import BuildOptions
@@ -73,7 +73,7 @@ def refit(
         previous = None
         with timer.phase("verify"):
             if writer.prepare_dir(out, identity, overwrite) == "built":
-                previous = writer.start_repair(out, opts.quiet)
+                previous = repair.start_repair(out, opts.quiet)
                 if previous is None:
                     return out
             if dist.rank() == 0:

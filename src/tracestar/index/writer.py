@@ -14,7 +14,7 @@ An index directory (the format is in docs/ARCHITECTURE.md):
 Why sidecars: each shard's `.json` is written after its `.npy` and holds the `.npy`'s sha256, so
 a shard is done exactly when its sidecar exists and the bytes still match it (`done`). A killed
 build therefore resumes to the same bytes, and a rerun on a finished index verifies every file
-the manifest lists and removes the damaged ones and what was computed from them (`start_repair`).
+the manifest lists and removes the damaged ones and what was computed from them (`repair.py`).
 Only the owner rank of a shard writes it or clears what an interrupted writer left.
 """
 
@@ -379,74 +379,14 @@ def _carry_compressed(out: Path, previous: dict, shards: list[dict], quiet: bool
         comp["exact_dropped"] = False  # the repair wrote the exact vectors again
         comp.pop("exact_dropped_at", None)
         return comp
-    for _, rel, _ in _compressed_files(out, previous):
+    for _, rel, _ in compressed_files(out, previous):
         (out / rel).unlink(missing_ok=True)
     say(quiet, f"{out}: the final vectors changed, so the compressed forms made from them were dropped; "
                f"run `tracestar compress` again")
     return None
 
 
-# --- rerun: verify, repair -----------------------------------------------------------------------
-
-
-def start_repair(out: Path, quiet: bool) -> dict | None:
-    """Verify a finished index against its manifest. None when every listed file matches.
-
-    Otherwise the damaged files and everything derived from them are removed, and so is the
-    manifest (until the repair finishes the index is an unfinished build, which resumes); the
-    build then recomputes what is missing. Returns the old manifest ({} if it was unreadable).
-    """
-    previous = damaged = None
-    n_files = 0
-    if dist.rank() == 0:
-        previous, damaged, n_files = _verify_built(out, quiet)
-        if damaged:
-            say(quiet, f"{out}: damaged: {', '.join(f'{rel} ({problem})' for rel, problem in damaged)}; repairing")
-            _remove_damaged(out, previous, damaged, quiet)
-    previous, damaged, n_files = dist.broadcast_object((previous, damaged, n_files))
-    dist.barrier()
-    if not damaged:
-        say(quiet, f"{out}: already built with these arguments; {n_files} files verified; nothing to do")
-        return None
-    return previous
-
-
-def _verify_built(out: Path, quiet: bool) -> tuple[dict, list[tuple[str, str]], int]:
-    """(manifest, [(relative path, problem)], number of files checked) for every file it lists."""
-    from tracestar.index.store import (
-        read_manifest,  # the reader's checks (format version, JSON)
-    )
-
-    try:
-        manifest = read_manifest(out)
-        listed = _listed_files(out, manifest)
-    except (IndexStoreError, KeyError, TypeError, ValueError):
-        return {}, [(MANIFEST, "unreadable")], 1
-    damaged = []
-    for rel, sha in loop_bars(quiet, unit="file")(listed, "verifying"):
-        path = out / rel
-        if not path.is_file():
-            damaged.append((rel, "missing"))
-        elif files.sha256_file(path) != sha:
-            damaged.append((rel, "checksum mismatch"))
-    return manifest, damaged, len(listed)
-
-
-def _listed_files(out: Path, manifest: dict) -> list[tuple[str, str]]:
-    """(relative path, sha256) of every file a manifest vouches for: shards, sidecars, V, R, the
-    doc table, compressed forms. Manifests written before `checksums` existed list the shards only."""
-    listed = []
-    for info in manifest["shards"]:
-        if info.get("raw_sha256"):  # None when built with --raw-dtype none
-            listed.append((f"{RAW}/{info['name']}.npy", info["raw_sha256"]))
-        if info.get("vectors_sha256"):  # None once `compress --drop-exact` removed them
-            listed.append((f"{VECTORS}/{info['name']}.npy", info["vectors_sha256"]))
-    listed += sorted((manifest.get("checksums") or {}).items())
-    listed += [(rel, sha) for _, rel, sha in _compressed_files(out, manifest)]
-    return listed
-
-
-def _compressed_files(out: Path, manifest: dict) -> list[tuple[str, str, str]]:
+def compressed_files(out: Path, manifest: dict) -> list[tuple[str, str, str]]:
     """(form, relative path, sha256) of the compressed forms' files."""
     comp = manifest.get("compressed") or {}
     found = []
@@ -458,34 +398,3 @@ def _compressed_files(out: Path, manifest: dict) -> list[tuple[str, str, str]]:
     if "pq" in comp:
         found.append(("pq", comp["pq"]["path"], comp["pq"]["sha256"]))
     return found
-
-
-def _remove_damaged(out: Path, manifest: dict, damaged: list[tuple[str, str]], quiet: bool) -> None:
-    """Delete each damaged file and what is computed from it, so the resumed build redoes them.
-
-    raw shard → it and its final vectors (R is refitted only if its sample read that shard, see
-    `finalize._r_inputs`); final vectors → them; V → everything; R → R (vectors follow if it
-    changes); doc table → nothing (always rewritten); a compressed form → the form.
-    """
-    doomed: set[str] = set()
-    forms = {rel: form for form, rel, _ in _compressed_files(out, manifest)} if manifest else {}
-    v_and_r = {NORMALIZER, NORMALIZER_INFO, PRECONDITIONER, PRECONDITIONER_INFO}
-    for rel, _ in damaged:
-        top, _, name = rel.partition("/")
-        if top in KINDS:
-            stem = name.split(".")[0]
-            for kind in ((RAW, VECTORS) if top == RAW else (VECTORS,)):
-                doomed |= {f"{kind}/{stem}.npy", f"{kind}/{stem}.json"}
-        elif rel in (NORMALIZER, NORMALIZER_INFO):
-            doomed |= v_and_r
-            doomed |= {str(p.relative_to(out)) for kind in KINDS for p in (out / kind).glob("shard-*")}
-        elif rel in (PRECONDITIONER, PRECONDITIONER_INFO):
-            doomed |= {PRECONDITIONER, PRECONDITIONER_INFO}
-        elif rel in forms:
-            form = forms[rel]
-            doomed |= {r for r, f in forms.items() if f == form}
-            manifest.get("compressed", {}).pop(form, None)
-            say(quiet, f"{out}: compressed form {form} dropped; run `tracestar compress --index {out} --kind {form}` again")
-    (out / MANIFEST).unlink(missing_ok=True)  # first: from here on a reader finds an unfinished build
-    for rel in sorted(doomed):
-        (out / rel).unlink(missing_ok=True)
