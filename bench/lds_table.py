@@ -335,6 +335,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=BASE_DIM, help="base dimension of the ladder and settings rows")
     ap.add_argument("--tail-patch", type=int, default=50, help="queries to tail-patch (0: none)")
     ap.add_argument("--sections", help="comma-separated sections to run (default: all)")
+    ap.add_argument("--rows", help="comma-separated pieces of row labels: only the rows whose label holds one "
+                    "(default: all rows of the chosen sections)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bergson", metavar="PYTHON", help="a Python with bergson installed: adds bergson's trackstar "
                     "beside tracestar at each of --bergson-dims")
@@ -369,6 +371,8 @@ def main() -> None:
                 toward_dims=_exponents(args.toward_dims))
     for section, label, spec in plan:
         if wanted and section not in wanted:
+            continue
+        if args.rows and not any(piece in label for piece in args.rows.split(",")):
             continue
         t1 = time.monotonic()
         scores, extra = row_scores(data, root, spec, args.seed)
