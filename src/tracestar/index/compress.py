@@ -157,7 +157,7 @@ def pq_params(dim: int, n_rows: int, nbits: int = 8) -> dict:
     cap = max(ksub, TRAIN_SAMPLE_BYTES // (4 * dim))
     nlist = 0
     if n_rows > IVF_MIN_ROWS:
-        nlist = 1 << int(round(np.log2(np.sqrt(n_rows))))
+        nlist = 1 << round(float(np.log2(np.sqrt(n_rows))))
         while nlist > 1 and TRAIN_PER_CENTROID * nlist > min(cap, n_rows):
             nlist //= 2
     train_rows = min(n_rows, cap, TRAIN_PER_CENTROID * max(ksub, nlist))
