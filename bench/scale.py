@@ -1,8 +1,9 @@
 """Scale: a large synthetic corpus through a tiny model, then the index's size and query latency.
 
-    python bench/scale.py --docs 1000000                 # the issue's size (hours on two shared cores)
-    python bench/scale.py --docs 100000 --queries 64     # what finishes in ~25 min here
-    python bench/scale.py --pq-only --pq-rows 8192       # only PQ at 2^16 dims on a synthetic index
+    python bench/scale.py --docs 1000000                 # the issue's size (~50 min of build on two shared cores)
+    python bench/scale.py --docs 400000 --pq-rows 0 --keep IDX --out scale.json   # ~25 min here
+    python bench/scale.py --pq-only --pq-rows 4096       # only PQ at 2^16 dims on a synthetic index
+    python bench/scale.py --probe-only scale.json --docs 1000 --pq-rows 0       # the 2^16 build estimate
 
 Steps, each printed as it ends:
 
