@@ -36,8 +36,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tracestar.batching import encode_document
-from tracestar.options import DEFAULT_TRAIN_EPOCHS
 from tracestar.files import sha256_file, write_json
+from tracestar.options import DEFAULT_TRAIN_EPOCHS
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
