@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from index_throughput import SIZES, _peak_rss_mb, _save_model_with_tokenizer  # noqa: E402
+from index_throughput import SIZES, _peak_rss_mb, _save_model_with_tokenizer
 
 PHASES = ("load", "V", "verify", "corpus pass", "R statistics", "eigendecomposition", "final vectors", "writes")
 
@@ -53,7 +53,13 @@ def training_pass(model_dir: Path, corpus: Path, batch_tokens: int, max_length: 
     """Wall seconds of one epoch: read and tokenize the corpus, then per length-bucketed batch a
     forward, backward with weight gradients and an AdamW step (what `tracestar index`'s corpus
     pass is compared with)."""
-    from tracestar.batching import bucketed, collate, encode_document, forward_loss, pad_id
+    from tracestar.batching import (
+        bucketed,
+        collate,
+        encode_document,
+        forward_loss,
+        pad_id,
+    )
     from tracestar.corpus import iter_documents
     from tracestar.model import load_model
 
@@ -93,7 +99,7 @@ def _build_child(model_dir: str, corpus: str, out: str, proj_dim: int, raw_dtype
 def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int, raw_dtype: str, batch_tokens: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", str(model_dir), str(corpus), str(out), str(proj_dim), raw_dtype,
            str(batch_tokens), "--threads", str(threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"build with --raw-dtype {raw_dtype} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -101,10 +107,9 @@ def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int, raw_dtype: st
 
 def _save_llama_with_tokenizer(preset: str, path: Path) -> None:
     """A Llama preset of `index_throughput.py` (random weights) with a word-level tokenizer."""
+    from index_throughput import llama_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from index_throughput import llama_model
 
     model = llama_model(preset, "cpu", torch.float32)
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
@@ -193,7 +198,7 @@ def main() -> None:
                       f"median {float(np.median(cos)):.6f}")
 
 
-def _cosines(a: Path, b: Path) -> "np.ndarray":
+def _cosines(a: Path, b: Path) -> np.ndarray:
     """[N] cosine between the two indexes' final vectors of each document."""
     from tracestar.api import open_index
     from tracestar.index.store import as_float32

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from tracestar.api import build_index, open_index, refit
 from tracestar.corpus import read_queries
 from tracestar.errors import IndexStoreError, UserError
@@ -22,8 +22,8 @@ DIM = 1024
 
 
 def _build(world, out: Path, **kw) -> Path:
-    args = dict(optimizer_state=world["optimizer"], proj_dim=DIM, eval_queries=world["queries"], shard_docs=3,
-                quiet=True)
+    args = {"optimizer_state": world["optimizer"], "proj_dim": DIM, "eval_queries": world["queries"], "shard_docs": 3,
+            "quiet": True}
     return build_index(world["model"], world["corpus"], out, **{**args, **kw})
 
 
@@ -135,7 +135,7 @@ def test_none_repair_recomputes_the_raw_vectors_and_deletes_them_again(world, bu
 def test_cli_refuses_an_unknown_raw_dtype_in_one_line(world, tmp_path):
     res = subprocess.run([sys.executable, "-m", "tracestar", "index", "--model", str(world["model"]), "--corpus",
                           str(world["corpus"]), "--out", str(tmp_path / "idx"), "--raw-dtype", "int8"],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert res.returncode != 0 and "--raw-dtype" in res.stderr and "int8" in res.stderr
     assert not (tmp_path / "idx").exists()
 
@@ -172,7 +172,7 @@ def test_batched_eigendecompositions_equal_the_threaded_ones(kind):
     ranges = r_ranges(blocks, r_block=40)  # 100 → 33, 34, 33; 49 → 24, 25
     assert len(ranges) == 8 and len({e - s for s, e in ranges}) < len(ranges)  # some sizes repeat
     train, eval_ = _stats(ranges, 300, 0), _stats(ranges, 20, 1)
-    kw = dict(damping=0.1, dim=ranges[-1][1])
+    kw = {"damping": 0.1, "dim": ranges[-1][1]}
     threaded = fit(kind, train, eval_, batched=False, **kw)
     batched = fit(kind, train, eval_, batched=True, **kw)
     assert threaded.lam == pytest.approx(batched.lam, rel=1e-9)
