@@ -40,8 +40,13 @@ import torch
 
 from tracestar.index.canonical import canonical_scores, decoded, exact_scores
 from tracestar.index.store import IndexStore
-from tracestar.index.topk import RunningTopK, SearchResult, merge_above_threshold, side_lists, to_result
-
+from tracestar.index.topk import (
+    RunningTopK,
+    SearchResult,
+    merge_above_threshold,
+    side_lists,
+    to_result,
+)
 
 # Rows per chunk are chosen so one chunk of stored vectors is about this many bytes: big enough to
 # amortise per-call overhead, small enough to stay in the last-level cache for the exact re-score.
