@@ -1,9 +1,9 @@
 """The build's phases: corpus → V → raw vectors → R → final vectors (rank-aware, resumable).
 
 1. V: from the optimizer state, or estimated on a sample (all-reduced), or none.
-2. corpus pass: g = P(∇L/√V) per document (float32, or as `--raw-dtype` says), one raw shard per
-   `shard_docs` documents (or their windows, with `--chunk-tokens`). Shard s holds rows [s·S, (s+1)·S) and belongs to rank s mod W, so any world size writes the
-   same files.
+2. corpus pass: g = P(∇L/√V) per document (float32, or as `--raw-dtype` says). Shard s holds
+   documents [s·S, (s+1)·S) (or their windows, with `--chunk-tokens`) and belongs to rank s mod W,
+   so any world size writes the same files.
 3–4. R, then the final vectors unit(R^{-1/2} g) and the manifest: `finalize.py`, which `refit.py`
    runs again on another index's raw shards.
 
