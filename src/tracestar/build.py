@@ -7,9 +7,9 @@
 3–4. R, then the final vectors unit(R^{-1/2} g) and the manifest: `finalize.py`, which `refit.py`
    runs again on another index's raw shards.
 
-What each file is called, how a finished shard is recognised (so a killed build resumes to the
-same bytes) and how a rerun verifies and repairs an index live in `index/writer.py`; the model
-session lives in `tracer.py`.
+What each file is called and how a finished shard is recognised (so a killed build resumes to the
+same bytes) live in `index/writer.py`; how a rerun verifies and repairs a finished index, in
+`index/repair.py`; the model session, in `tracer.py`.
 
 Wall time per phase (`progress.PhaseTimer`) is printed at the end and recorded in the manifest.
 """
