@@ -186,16 +186,19 @@ def check_search_options(top_k: int, rerank: int | None) -> None:
     check_int("--rerank", rerank, minimum=0, optional=True)
 
 
-def query_file(index_dir: str | Path, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False, rerank=None,
-               by_doc: bool = False) -> list[dict]:
+def query_file(index_dir: str | Path | Index, queries_path: str | Path, out: str | Path, *, top_k: int = 10, model_dir=None, exact=False,
+               rerank=None, by_doc: bool = False) -> list[dict]:
     """`tracestar query`: read QUERIES.jsonl, write RESULTS.jsonl (one object per query, input order).
 
-    Under torchrun each rank scans its own shards and the lists are merged; rank 0 writes the file.
+    `index_dir` may be an open `Index`, so a caller that also reports on the index (the CLI names
+    the form it searched) verifies its files once. Under torchrun each rank scans its own shards
+    and the lists are merged; rank 0 writes the file.
     """
     check_search_options(top_k, rerank)
     queries = read_queries(queries_path)
     dist.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
-    results = open_index(index_dir).query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank, by_doc=by_doc)
+    index = index_dir if isinstance(index_dir, Index) else open_index(index_dir)
+    results = index.query(queries, top_k, model_dir=model_dir, exact=exact, rerank=rerank, by_doc=by_doc)
     if dist.rank() == 0:
         write_jsonl(out, results)
     dist.barrier()

@@ -156,13 +156,13 @@ def _add_query(sub) -> None:
 
 
 def _run_query(args) -> int:
-    from tracestar.api import query_file
+    from tracestar.api import check_search_options, open_index, query_file
 
-    from tracestar.index.store import IndexStore
-
-    results = query_file(args.index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank,
+    check_search_options(args.top_k, args.rerank)  # before the index is opened, as query_file does
+    index = open_index(args.index)  # opened once: its files are verified once
+    results = query_file(index, args.queries, args.out, top_k=args.top_k, model_dir=args.model, exact=args.exact, rerank=args.rerank,
                          by_doc=args.by_doc)
-    searched = _searched(IndexStore(args.index), exact=args.exact, rerank=args.rerank)
+    searched = _searched(index.store, exact=args.exact, rerank=args.rerank)
     print(f"{len(results)} queries → {args.out}; searched: {searched}")
     return 0
 
