@@ -107,18 +107,9 @@ def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int, raw_dtype: st
 
 def _save_llama_with_tokenizer(preset: str, path: Path) -> None:
     """A Llama preset of `index_throughput.py` (random weights) with a word-level tokenizer."""
-    from index_throughput import llama_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from index_throughput import llama_model, save_with_word_tokenizer
 
-    model = llama_model(preset, "cpu", torch.float32)
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for i in range(model.config.vocab_size - 3):
-        vocab[f"w{i}"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    save_with_word_tokenizer(llama_model(preset, "cpu", torch.float32), path)
 
 
 def v_only(model: str, n_docs: int, lo: int, hi: int) -> None:

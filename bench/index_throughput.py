@@ -319,10 +319,14 @@ def _run_child(model_dir: Path, corpus: Path, out: Path, proj_dim: int, precondi
 
 
 def _save_model_with_tokenizer(size: str, path: Path) -> None:
+    save_with_word_tokenizer(gpt2_model(size, "gelu_new"), path)
+
+
+def save_with_word_tokenizer(model, path: Path) -> None:
+    """`model` (random weights) saved with a word-level tokenizer over its whole vocabulary (w0, w1, ...)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = gpt2_model(size, "gelu_new")
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for i in range(model.config.vocab_size - 3):
         vocab[f"w{i}"] = len(vocab)

@@ -37,10 +37,7 @@ def plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_ylim(0, 1)
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        with replacing(out / "attribution_by_bucket.png") as tmp:  # a killed run leaves no half-written plot
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        written.append("attribution_by_bucket.png")
+        written.append(_save(fig, out, "attribution_by_bucket.png"))
     tp_methods = [m for m in methods_of(metrics) if metrics[m].get("tailpatch")]
     if tp_methods:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -55,8 +52,15 @@ def plot(metrics: Mapping[str, Any], out: Path) -> list[str]:
             ax.set_title(f"Tail-patch: {title}")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        with replacing(out / "tailpatch.png") as tmp:  # a killed run leaves no half-written plot
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        written.append("tailpatch.png")
+        written.append(_save(fig, out, "tailpatch.png"))
     return written
+
+
+def _save(fig, out: Path, name: str) -> str:
+    """Write one figure as `out/name` atomically (a killed run leaves no half-written plot); close it."""
+    import matplotlib.pyplot as plt
+
+    with replacing(out / name) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return name
