@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
+import pytest
 import torch
 
-from tracestar.tracer import finalize_vectors
-from tracestar.preconditioner import RStats, auto_lambda, component_index, fit, inv_sqrt, r_ranges, spectrum
+from tracestar.preconditioner import (
+    QueryStats,
+    RStats,
+    auto_lambda,
+    component_index,
+    fit,
+    inv_sqrt,
+    r_ranges,
+    spectrum,
+)
 from tracestar.projection import Block
+from tracestar.tracer import finalize_vectors
 
 
 def test_ranges_cover_blocks_without_crossing():
@@ -132,3 +141,87 @@ def test_eigendecompositions_in_threads_equal_one_at_a_time():
     assert seen == [5] and torch.get_num_threads() == threads
     for g, m in zip(got, mats):
         assert torch.allclose(g, inv_sqrt(m, 0.1), atol=1e-6)
+
+
+# --- the Cholesky factor, and R_eval's spectrum from the queries' Gram matrix -------------------
+
+
+def _uneven(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    """[n, d] rows with an uneven spectrum, as gradients have (a few strong directions)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen) * torch.linspace(0.02, 3.0, d) + shift
+
+
+def test_cholesky_whitener_whitens_the_damped_matrix_as_inv_sqrt_does():
+    from tracestar.preconditioner import chol_whitener
+
+    x = _uneven(80, 40, 5).double()
+    r = x.T @ x / 80
+    w_c, w_e = chol_whitener(r, 0.1).double(), inv_sqrt(r, 0.1).double()
+    shifted = r + 0.1 * torch.linalg.eigvalsh(r).mean() * torch.eye(40, dtype=torch.float64)
+    assert torch.allclose(w_c.T @ shifted @ w_c, torch.eye(40, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(w_c @ w_c.T, w_e @ w_e.T, rtol=1e-5, atol=1e-6 * float((w_e @ w_e.T).abs().max()))
+    assert torch.equal(w_c, w_c.triu()) and not torch.allclose(w_c, w_e, atol=1e-3)  # another basis: L^{-T}
+
+
+def test_cholesky_whitener_refuses_a_non_finite_r():
+    from tracestar.preconditioner import chol_whitener
+
+    r = torch.eye(4, dtype=torch.float64)
+    r[1, 2] = r[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="not positive definite"):
+        chol_whitener(r, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["train", "mixed"])
+def test_cholesky_preconditioner_gives_the_eigh_scores_in_another_basis(kind):
+    """Scores q̂ · d̂ (and so every top-k) are the same with either factor; the vectors are not."""
+    ranges = [(0, 30), (30, 70), (70, 100)]
+    docs, queries = _uneven(300, 100, 6), _uneven(12, 100, 7, shift=0.4)
+    train = RStats(ranges)
+    train.update(docs)
+    eval_ = QueryStats(ranges, queries)
+    eigh, chol = (fit(kind, train, eval_, damping=0.1, factor=f) for f in ("eigh", "cholesky"))
+    assert eigh.lam == chol.lam and "factor" not in eigh.info and chol.info["factor"] == "cholesky"
+    scores = []
+    for pre in (eigh, chol):
+        d, q = finalize_vectors(docs[:100], pre, True), finalize_vectors(queries, pre, True)
+        scores.append((q @ d.T, d))
+    (s_e, d_e), (s_c, d_c) = scores
+    torch.testing.assert_close(s_c, s_e, rtol=0, atol=1e-5)
+    assert torch.equal(s_c.topk(10).indices, s_e.topk(10).indices)
+    assert (d_e - d_c).abs().max() > 1e-2  # the stored vectors differ (else this test could not fail)
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_query_stats_give_the_sums_mean_and_spectrum(n):
+    """R_eval from the queries' vectors: the mean equals the float32 sums' to float32 rounding, and
+    the spectrum from the n × n Gram (n < m) or the mean (n ≥ m) equals the m × m eigvalsh's, with
+    zeros for the eigenvalues the Gram lacks."""
+    ranges = [(0, 10), (10, 30)]
+    v = _uneven(n, 30, 8, shift=0.3)
+    sums, vecs = RStats(ranges), QueryStats(ranges, v)
+    sums.update(v)
+    assert vecs.gram_sizes() == [min(n, 10), min(n, 20)] and int(vecs.count) == n
+    for a, b in zip(sums.means(), vecs.means()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+    s_sums, s_vecs = spectrum(sums), spectrum(vecs)
+    assert s_sums.shape == s_vecs.shape == (30,)
+    torch.testing.assert_close(s_vecs, s_sums, rtol=1e-5, atol=1e-6 * float(s_sums[0]))
+    assert int((s_vecs > 1e-9 * s_vecs[0]).sum()) == min(n, 10) + min(n, 20)  # the rank, nothing above it
+
+
+def test_lambda_from_query_stats_equals_lambda_from_sums():
+    """λ from the Gram spectrum of 12 queries against the m × m eigvalsh of their float32 sums
+    (the way it was computed before): equal to 1e-6 relative, and so R^{-1/2} to float32 rounding."""
+    ranges = [(0, 40), (40, 100)]
+    train = RStats(ranges)
+    train.update(_uneven(400, 100, 9))
+    queries = _uneven(12, 100, 10, shift=0.4)
+    sums = RStats(ranges)
+    sums.update(queries)
+    old, new = fit("mixed", train, sums, dim=1000), fit("mixed", train, QueryStats(ranges, queries), dim=1000)
+    assert new.info["component_index_used"] == old.info["component_index_used"] == 14
+    assert new.lam == pytest.approx(old.lam, rel=1e-6) and 0.0 < new.lam < 1.0
+    for a, b in zip(old.mats, new.mats):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))

@@ -125,7 +125,7 @@ _INDEX_OPTIONS = (
     "optimizer_state", "estimate_v_if_missing", "proj_dim", "blocks", "max_length", "chunk_tokens", "chunk_stride",
     "batch_tokens", "seed",
     "optimizer_correction", "unit_norm", "preconditioner", "eval_queries", "lam", "fit_docs", "damping", "variant",
-    "dtype", "raw_dtype", "shard_docs", "text_field", "id_field", "device", "autocast", "overwrite", "quiet",
+    "r_factor", "dtype", "raw_dtype", "shard_docs", "text_field", "id_field", "device", "autocast", "overwrite", "quiet",
 )
 
 
@@ -174,6 +174,7 @@ _REFIT_OPTIONS = {
     "lam": "mixing weight of R_eval in [0, 1], mixed only (default: spectrum matching)",
     "fit_docs": "documents sampled for R_train (default: the index's)",
     "damping": "added to R's spectrum, times its mean eigenvalue; > 0 (default: the index's)",
+    "r_factor": "how R is factored: eigh (R^-1/2) or cholesky (the same scores, ~10x cheaper; default: the index's)",
 }
 
 

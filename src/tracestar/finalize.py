@@ -27,7 +27,7 @@ from tracestar.corpus import Query
 from tracestar.index import writer
 from tracestar.index.store import encode_dtype
 from tracestar.options import VARIANTS, BuildOptions
-from tracestar.preconditioner import Preconditioner, RStats, fit, r_ranges
+from tracestar.preconditioner import Preconditioner, QueryStats, RStats, fit, r_ranges
 from tracestar.progress import PhaseTimer, bar, loop_bars, say
 from tracestar.projection import Block
 from tracestar.tracer import Tracer, finalize_vectors
@@ -104,16 +104,16 @@ def _fit_preconditioner(out: Path, base: dict, layout: ShardLayout, opts: BuildO
     reused = dist.broadcast_object(_reusable_preconditioner(out, inputs) is not None if dist.rank() == 0 else None)
     if reused:
         return Preconditioner.load(path, json.loads(info_path.read_text())), False
-    stats: dict[str, RStats] = {}
+    stats: dict[str, RStats | QueryStats] = {}
     with timer.phase("R statistics"):
         if kind != "none":
             stats["train"] = _train_stats(out, ranges, sample, layout, opts)
         if kind == "mixed":
-            stats["eval"] = _eval_stats(ranges, queries, query_capture, tracer, opts)
+            stats["eval"] = _eval_stats(ranges, base["dim"], queries, query_capture, tracer, opts)
     if dist.rank() == 0:
         with timer.phase("eigendecomposition"):
             precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping,
-                          dim=base["dim"], progress=loop_bars(opts.quiet), device=opts.device)
+                          dim=base["dim"], factor=opts.r_factor, progress=loop_bars(opts.quiet), device=opts.device)
         stats.clear()  # the sums are not stored (refit recomputes them from the raw shards)
         if kind == "mixed":
             precond.info["eval_queries"] = str(Path(opts.eval_queries).resolve())
@@ -155,6 +155,8 @@ def _r_inputs(out: Path, opts: BuildOptions, sample: np.ndarray, layout: ShardLa
         "raw": {s: writer.read_sidecar(out, writer.RAW, s)["sha256"] for s in touched if s < n_shards},
         "eval_queries": files.sha256_file(opts.eval_queries) if opts.preconditioner == "mixed" else None,
     }
+    if opts.r_factor != "eigh":  # an eigh R's inputs hash as they always did, so its R is reused
+        spec["r_factor"] = opts.r_factor
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -194,18 +196,23 @@ def _train_stats(out: Path, ranges, sample: np.ndarray, layout: ShardLayout, opt
     return train
 
 
-def _eval_stats(ranges, queries: list[Query], query_capture, tracer: Tracer, opts: BuildOptions) -> RStats:
-    """Σ g gᵀ over the eval queries' raw vectors (each rank embeds every W-th query), all-reduced."""
-    mine = [q for i, q in enumerate(queries) if i % dist.world() == dist.rank()]
-    evals = RStats(ranges)
+def _eval_stats(ranges, dim: int, queries: list[Query], query_capture, tracer: Tracer,
+                opts: BuildOptions) -> QueryStats:
+    """The eval queries' raw vectors [n, D] (each rank embeds every W-th query; an all-reduce of
+    zero-filled rows gathers them), kept whole: they are fewer bytes than Σ g gᵀ per range when
+    there are fewer queries than coordinates in a range, and λ's spectrum comes from their Gram."""
+    n = len(queries)
+    mine = [i for i in range(n) if i % dist.world() == dist.rank()]
+    vectors = torch.zeros(n, dim, dtype=torch.float32)  # [n, D]
     if mine:
         update, close = bar(len(mine), opts.quiet, "R_eval: eval-query gradients", unit="query")
         try:
-            evals.update(torch.from_numpy(tracer.query_vectors(query_capture, mine, opts, update)))
+            vectors[mine] = torch.from_numpy(tracer.query_vectors(query_capture, [queries[i] for i in mine], opts,
+                                                                  update)).float()
         finally:
             close()
-    evals.all_reduce(dist.all_reduce_)
-    return evals
+    dist.all_reduce_(vectors)
+    return QueryStats(ranges, vectors)
 
 
 # --- small helpers shared with the build ---------------------------------------------------------

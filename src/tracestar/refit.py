@@ -38,6 +38,7 @@ def refit(
     lam: float | None = None,
     fit_docs: int | None = None,
     damping: float | None = None,
+    r_factor: str | None = None,
     model_dir: str | Path | None = None,
     overwrite: bool = False,
     quiet: bool = False,
@@ -45,6 +46,7 @@ def refit(
     """A new index in `out` with another preconditioner, from `index_dir`'s raw shards. Returns `out`.
 
     Raw shards, sidecars, the doc table and V are hard-linked (copied where links are impossible).
+    Each preconditioner argument left None keeps the source index's value (`r_factor`: `BuildOptions`).
     """
     src, out = Path(index_dir), Path(out)
     timer = PhaseTimer()
@@ -62,6 +64,7 @@ def refit(
         eval_queries=str(eval_queries) if eval_queries else None, preconditioner=preconditioner, lam=lam,
         fit_docs=fit_docs if fit_docs is not None else base_opts.fit_docs,
         damping=damping if damping is not None else base_opts.damping,
+        r_factor=r_factor if r_factor is not None else base_opts.r_factor,
     ).resolved()
     queries = read_queries(opts.eval_queries) if opts.eval_queries else None
     tracer = capture = None
