@@ -43,6 +43,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -112,10 +113,51 @@ def _build_child(model_dir: str, corpus: str, out: str, proj_dim: int) -> None:
     print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+class LoadSampler:
+    """The 1-minute load average, sampled every `every` seconds while a build runs (the machine may
+    be shared: a slower stretch of the build shows up here rather than as a property of the index)."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.samples = every, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        return {"mean": float(np.mean(self.samples)), "max": float(np.max(self.samples)), "n": len(self.samples)}
+
+
+def pass_rate_by_part(index: Path, parts: int = 4) -> list[float]:
+    """docs/s of the corpus pass in `parts` consecutive runs of raw shards, from the times their
+    sidecars were written (each marks a finished shard). A rate that falls from part to part while
+    the load stays flat would be cost growing with the corpus; a flat one says it does not."""
+    sides = sorted((index / "raw").glob("shard-*.json"))
+    if len(sides) < 2 * parts:
+        return []
+    times = [p.stat().st_mtime for p in sides]
+    rows = [json.loads(p.read_text())["rows"] for p in sides]
+    cuts = np.linspace(0, len(sides) - 1, parts + 1).round().astype(int)
+    return [sum(rows[a + 1 : b + 1]) / (times[b] - times[a]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int) -> dict:
-    """Build in a fresh process; docs/s, tokens/s (tokens as docs.jsonl counts them), peak RSS."""
+    """Build in a fresh process; docs/s, tokens/s (tokens as docs.jsonl counts them), peak RSS, the
+    load average during the build and the corpus pass's rate in four parts."""
     cmd = [sys.executable, __file__, "--build-child", str(model_dir), str(corpus), str(out), str(proj_dim)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    with LoadSampler() as load:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"build failed:\n{res.stderr[-3000:]}")
     row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -126,7 +168,8 @@ def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int) -> dict:
             tokens += json.loads(line)["n_tokens"]
     timings = json.loads((out / "manifest.json").read_text()).get("timings")
     return {**row, "docs": docs, "tokens": tokens, "docs_per_s": docs / row["build_s"],
-            "tokens_per_s": tokens / row["build_s"], "timings": timings}
+            "tokens_per_s": tokens / row["build_s"], "timings": timings, "load_average": load.summary(),
+            "pass_docs_per_s_by_quarter": pass_rate_by_part(out)}
 
 
 def tree_bytes(index: Path) -> dict:
@@ -184,14 +227,31 @@ def latencies(index: Path, q: np.ndarray, source: np.ndarray, k: int = 10) -> di
     return out
 
 
-def compress_all(index: Path) -> dict:
+def compress_all(index: Path, kinds: tuple[str, ...] = ("int8", "pq")) -> dict:
     from tracestar.index.compress import compress
 
     out = {}
-    for kind in ("int8", "pq"):
+    for kind in kinds:
         e = compress(index, kind)
         out[kind] = {k: e.get(k) for k in ("seconds", "train_seconds", "bytes_per_doc", "m", "nlist", "nprobe", "train_rows")}
     return out
+
+
+def measure(index: Path, n_docs: int, n_queries: int, kinds: tuple[str, ...] = ("int8", "pq")) -> dict:
+    """Compress `index` (the forms in `kinds`), then its bytes and the query latencies, printed."""
+    from tracestar.index.store import IndexStore
+
+    comp = compress_all(index, kinds)
+    sizes = tree_bytes(index)
+    print("bytes/doc: " + ", ".join(f"{k} {v / n_docs:.0f}" for k, v in sizes.items()), flush=True)
+    print("compress: " + "; ".join(f"{k} {v['seconds']:.0f} s, {v['bytes_per_doc']} B/doc" for k, v in comp.items()), flush=True)
+    q, source = query_vectors(IndexStore(index), n_queries)
+    lat = latencies(index, q, source)
+    for name, row in lat.items():
+        print(f"query {name:>5}: {row['s_per_query'] * 1e3:8.2f} ms/query  ×{row['vs_exact']:.3f} of exact  "
+              f"top-10 overlap {row['top10_overlap']:.3f}  opponents {row['opp_overlap']:.3f}  "
+              f"source row in top 10 {row['source_in_top10']:.3f}", flush=True)
+    return {"compress": comp, "bytes": sizes, "latency": lat}
 
 
 # --- PQ at 2^16 on a synthetic index -------------------------------------------------------------
@@ -278,6 +338,9 @@ def main() -> None:
                     help="only the two probe builds, extrapolating the large build of an earlier --out")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--keep", type=Path, help="build the large index here and keep it (default: a temporary directory)")
+    ap.add_argument("--measure-only", type=Path, metavar="INDEX",
+                    help="no build: compress a kept index again (the forms in --forms) and measure its queries")
+    ap.add_argument("--forms", default="int8,pq", help="with --measure-only: the forms to (re)compress first")
     ap.add_argument("--build-child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.build_child:
@@ -285,6 +348,11 @@ def main() -> None:
         return
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f}", flush=True)
     report: dict = {"docs": a.docs, "proj_dim": a.proj_dim}
+    if a.measure_only:
+        n_docs = json.loads((a.measure_only / "manifest.json").read_text())["n_docs"]
+        kinds = tuple(k for k in a.forms.split(",") if k)
+        _dump(a.out, {"docs": n_docs, "load_average": os.getloadavg()[0], **measure(a.measure_only, n_docs, a.queries, kinds)})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if a.pq_rows:
@@ -325,25 +393,21 @@ def main() -> None:
             return
         index = a.keep or root / "index"
         built = build(root / "model", corpus, index, a.proj_dim)
+        tok_after = tokenizer_rate(root / "model", corpus, min(a.docs, 50_000))
+        load = built["load_average"]
         print(f"build: {built['docs']} docs, {built['tokens']} tokens in {built['build_s']:.0f} s: {built['docs_per_s']:.0f} docs/s "
               f"({built['docs_per_s'] / tok['docs_per_s']:.3f} × tokenizer alone), {built['tokens_per_s']:.0f} tokens/s; "
-              f"peak RSS {built['peak_rss_mb']:.0f} MB (children's max {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB)",
-              flush=True)
-        comp = compress_all(index)
-        sizes = tree_bytes(index)
-        print("bytes/doc: " + ", ".join(f"{k} {v / a.docs:.0f}" for k, v in sizes.items()), flush=True)
-        print("compress: " + "; ".join(f"{k} {v['seconds']:.0f} s, {v['bytes_per_doc']} B/doc" for k, v in comp.items()), flush=True)
-        q, source = query_vectors(__import__("tracestar.index.store", fromlist=["IndexStore"]).IndexStore(index), a.queries)
-        lat = latencies(index, q, source)
-        for name, row in lat.items():
-            print(f"query {name:>5}: {row['s_per_query'] * 1e3:8.2f} ms/query  ×{row['vs_exact']:.3f} of exact  "
-                  f"top-10 overlap {row['top10_overlap']:.3f}  opponents {row['opp_overlap']:.3f}  "
-                  f"source row in top 10 {row['source_in_top10']:.3f}", flush=True)
-        ext = extrapolate(a.docs, a.proj_dim, built, sizes, lat, probe, report.get("pq_2^16"))
+              f"peak RSS {built['peak_rss_mb']:.0f} MB (children's max {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB); "
+              f"load average {load['mean']:.1f} (max {load['max']:.1f})", flush=True)
+        print("corpus pass docs/s by quarter of the corpus: " + ", ".join(f"{r:.0f}" for r in built["pass_docs_per_s_by_quarter"])
+              + f"; tokenizer alone before/after the build {tok['docs_per_s']:.0f}/{tok_after['docs_per_s']:.0f} docs/s", flush=True)
+        report.update({"tokenizer": tok, "tokenizer_after_build": tok_after, "probe": probe, "build": built})
+        _dump(a.out, report)  # a failure below keeps the build's figures
+        measured = measure(index, a.docs, a.queries)
+        ext = extrapolate(a.docs, a.proj_dim, built, measured["bytes"], measured["latency"], probe, report.get("pq_2^16"))
         print("extrapolated to 1M docs at 2^16 dims: " + ", ".join(f"{k} {v:.3g}" if not isinstance(v, dict) else
               f"{k} " + " ".join(f"{kk} {vv / 1e9:.0f} GB" for kk, vv in v.items()) for k, v in ext.items()), flush=True)
-        report.update({"tokenizer": tok, "probe": probe, "build": built, "compress": comp, "bytes": sizes,
-                       "latency": lat, "extrapolated": ext})
+        report.update({**measured, "extrapolated": ext})
     _dump(a.out, report)
 
 
