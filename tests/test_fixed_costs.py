@@ -1,5 +1,5 @@
 """The costs after the corpus pass: raw vectors kept in bf16 or not at all, R's eigendecompositions
-batched by size, V estimated on batches of documents."""
+batched by size or replaced by a Cholesky factor, V estimated on batches of documents."""
 
 from __future__ import annotations
 
@@ -140,6 +140,48 @@ def test_cli_refuses_an_unknown_raw_dtype_in_one_line(world, tmp_path):
     assert not (tmp_path / "idx").exists()
 
 
+# --- --r-factor cholesky -------------------------------------------------------------------------
+
+
+def test_cholesky_build_gives_the_eigh_build_scores_in_another_basis(world, builds, tmp_path):
+    """The same index with R factored by Cholesky: every query's scores equal the eigh build's to
+    the fp16 step of the stored vectors (both are unit(W g) with the same W Wᵀ), the rankings are the
+    same, the stored vectors are not, and the option is recorded where it changes the bytes."""
+    eigh = builds["float32"]
+    chol = _build(world, tmp_path / "chol", r_factor="cholesky")
+    queries = read_queries(world["queries"])
+    got, want = open_index(chol).query(queries, top_k=5), open_index(eigh).query(queries, top_k=5)
+    for g, w in zip(got, want):
+        assert [p["doc_id"] for p in g["proponents"]] == [p["doc_id"] for p in w["proponents"]]
+        np.testing.assert_allclose([p["score"] for p in g["proponents"]], [p["score"] for p in w["proponents"]],
+                                   atol=2e-3)
+    va, vb = tiny.all_vectors(open_index(eigh)), tiny.all_vectors(open_index(chol))
+    np.testing.assert_allclose(va @ va.T, vb @ vb.T, atol=3e-3)  # every document-document score, too
+    assert np.abs(va - vb).max() > 0.05  # another basis (else this test could not fail)
+    m_e, m_c = (json.loads((p / "manifest.json").read_text()) for p in (eigh, chol))
+    assert m_c["preconditioner"]["factor"] == "cholesky" and "factor" not in m_e["preconditioner"]
+    assert m_c["preconditioner"]["lambda"] == pytest.approx(m_e["preconditioner"]["lambda"], rel=1e-12)
+    assert json.loads((chol / "build.json").read_text())["r_factor"] == "cholesky"
+    assert "r_factor" not in json.loads((eigh / "build.json").read_text())  # the default's identity is unchanged
+
+
+def test_refit_with_cholesky_equals_a_cholesky_build_and_keeps_the_source_factor(world, builds, tmp_path):
+    chol = _build(world, tmp_path / "chol", r_factor="cholesky")
+    out = refit(builds["float32"], tmp_path / "refit", eval_queries=world["queries"], r_factor="cholesky", quiet=True)
+    np.testing.assert_allclose(tiny.all_vectors(open_index(out)), tiny.all_vectors(open_index(chol)), atol=1e-3)
+    again = refit(out, tmp_path / "again", eval_queries=world["queries"], quiet=True)  # factor: the source's
+    assert json.loads((again / "manifest.json").read_text())["preconditioner"]["factor"] == "cholesky"
+
+
+def test_cli_refuses_an_unknown_r_factor_in_one_line(world, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "tracestar", "index", "--model", str(world["model"]), "--corpus",
+                          str(world["corpus"]), "--out", str(tmp_path / "idx"), "--r-factor", "qr"],
+                         check=False, capture_output=True, text=True)
+    assert res.returncode != 0 and "--r-factor" in res.stderr and "qr" in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 2  # argparse's usage line and its one error line
+    assert not (tmp_path / "idx").exists()
+
+
 # --- R's eigendecompositions, batched by size ----------------------------------------------------
 
 
@@ -161,8 +203,8 @@ def test_size_batches_groups_equal_sizes_within_the_budget():
     assert size_batches(sizes, budget=1) == [[i] for i in (0, 1, 3, 5, 2, 4)]  # never an empty group
 
 
-@pytest.mark.parametrize("kind", ["train", "mixed"])
-def test_batched_eigendecompositions_equal_the_threaded_ones(kind):
+@pytest.mark.parametrize("kind,factor", [("train", "eigh"), ("mixed", "eigh"), ("mixed", "cholesky")])
+def test_batched_eigendecompositions_equal_the_threaded_ones(kind, factor):
     """One batched eigh per group of equal-sized ranges gives the same R^{-1/2} (and the same λ)
     as one eigh per range on its own thread, to float32 rounding."""
     from tracestar.preconditioner import fit, r_ranges
@@ -172,7 +214,7 @@ def test_batched_eigendecompositions_equal_the_threaded_ones(kind):
     ranges = r_ranges(blocks, r_block=40)  # 100 → 33, 34, 33; 49 → 24, 25
     assert len(ranges) == 8 and len({e - s for s, e in ranges}) < len(ranges)  # some sizes repeat
     train, eval_ = _stats(ranges, 300, 0), _stats(ranges, 20, 1)
-    kw = {"damping": 0.1, "dim": ranges[-1][1]}
+    kw = {"damping": 0.1, "dim": ranges[-1][1], "factor": factor}
     threaded = fit(kind, train, eval_, batched=False, **kw)
     batched = fit(kind, train, eval_, batched=True, **kw)
     assert threaded.lam == pytest.approx(batched.lam, rel=1e-9)
