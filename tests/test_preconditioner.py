@@ -225,3 +225,19 @@ def test_lambda_from_query_stats_equals_lambda_from_sums():
     assert new.lam == pytest.approx(old.lam, rel=1e-6) and 0.0 < new.lam < 1.0
     for a, b in zip(old.mats, new.mats):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_few_queries_put_lambda_at_the_last_nonzero_eigenvalue_of_r_eval():
+    """3 queries over 2 ranges: R_eval has rank 6, so the component index (152 at dimension 10,000)
+    is clipped to 5, the last non-zero eigenvalue, and λ equals the one from exact float64
+    spectra. (From float32 sums, R_eval's null space held rounding noise of ~1e-7 of its top
+    eigenvalue, above the 1e-12 cut, so c stayed in the noise and λ came out near 1.)"""
+    ranges = [(0, 50), (50, 100)]
+    docs, queries = _uneven(400, 100, 11), _uneven(3, 100, 12, shift=0.4)
+    train = RStats(ranges)
+    train.update(docs)
+    pre = fit("mixed", train, QueryStats(ranges, queries), dim=10_000)
+    assert pre.info["component_index"] == 152 and pre.info["component_index_used"] == 5
+    exact_eval = spectrum([(lambda q: q.T @ q / 3)(queries[:, s:e].double()) for s, e in ranges])
+    exact_lam, _ = auto_lambda(spectrum(train), exact_eval, 152)
+    assert pre.lam == pytest.approx(exact_lam, rel=1e-6) and pre.lam < 0.999
