@@ -143,12 +143,17 @@ def test_cli_refuses_an_unknown_raw_dtype_in_one_line(world, tmp_path):
 # --- --r-factor cholesky -------------------------------------------------------------------------
 
 
-def test_cholesky_build_gives_the_eigh_build_scores_in_another_basis(world, builds, tmp_path):
+@pytest.fixture(scope="module")
+def chol(world, tmp_path_factory):
+    """The float32 build's index with R factored by Cholesky."""
+    return _build(world, tmp_path_factory.mktemp("r-factor") / "chol", r_factor="cholesky")
+
+
+def test_cholesky_build_gives_the_eigh_build_scores_in_another_basis(world, builds, chol):
     """The same index with R factored by Cholesky: every query's scores equal the eigh build's to
     the fp16 step of the stored vectors (both are unit(W g) with the same W Wᵀ), the rankings are the
     same, the stored vectors are not, and the option is recorded where it changes the bytes."""
     eigh = builds["float32"]
-    chol = _build(world, tmp_path / "chol", r_factor="cholesky")
     queries = read_queries(world["queries"])
     got, want = open_index(chol).query(queries, top_k=5), open_index(eigh).query(queries, top_k=5)
     for g, w in zip(got, want):
@@ -165,12 +170,26 @@ def test_cholesky_build_gives_the_eigh_build_scores_in_another_basis(world, buil
     assert "r_factor" not in json.loads((eigh / "build.json").read_text())  # the default's identity is unchanged
 
 
-def test_refit_with_cholesky_equals_a_cholesky_build_and_keeps_the_source_factor(world, builds, tmp_path):
-    chol = _build(world, tmp_path / "chol", r_factor="cholesky")
+def test_refit_with_cholesky_equals_a_cholesky_build_and_keeps_the_source_factor(world, builds, chol, tmp_path):
     out = refit(builds["float32"], tmp_path / "refit", eval_queries=world["queries"], r_factor="cholesky", quiet=True)
     np.testing.assert_allclose(tiny.all_vectors(open_index(out)), tiny.all_vectors(open_index(chol)), atol=1e-3)
     again = refit(out, tmp_path / "again", eval_queries=world["queries"], quiet=True)  # factor: the source's
     assert json.loads((again / "manifest.json").read_text())["preconditioner"]["factor"] == "cholesky"
+
+
+def test_token_contributions_of_a_cholesky_index_add_up_to_the_eigh_score(world, builds, chol):
+    """`explain` pulls the query back through Wᵀ (W = L^{-T} is not symmetric): each document's
+    token contributions still sum to its score, and that score is the eigh index's."""
+    from tracestar.explain import explain_tokens
+
+    q = read_queries(world["queries"])[0]
+    eigh_idx, chol_idx = open_index(builds["float32"]), open_index(chol)
+    for hit in chol_idx.query([q], top_k=2)[0]["proponents"]:
+        att = explain_tokens(chol_idx, q, hit["doc_id"])
+        ref = explain_tokens(eigh_idx, q, hit["doc_id"])
+        assert abs(sum(s for _, s in att.tokens) - att.doc_score) <= 1e-3 * abs(att.doc_score) + 1e-6
+        assert att.doc_score == pytest.approx(ref.doc_score, abs=2e-3)
+        np.testing.assert_allclose([s for _, s in att.tokens], [s for _, s in ref.tokens], atol=2e-3)
 
 
 def test_cli_refuses_an_unknown_r_factor_in_one_line(world, tmp_path):
