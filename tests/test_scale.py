@@ -1,4 +1,5 @@
-"""Resumable and distributed builds produce the same index as one uninterrupted process."""
+"""Resumable and distributed builds produce the same index as one uninterrupted process; the int8
+scan that large indexes are searched with gives pinned results however its rows are blocked."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import tiny
+import torch
+
+from tracestar import testing
+from tracestar.index import int8, writer
+from tracestar.index.compress import compress, dequantize_int8, quantize_int8
+from tracestar.index.exact import topk
+from tracestar.index.search import search_compressed
+from tracestar.index.store import IndexStore
 
 
 def _npy_bytes(index: Path) -> dict[str, bytes]:
@@ -108,3 +116,66 @@ def test_two_process_torchrun_query_equals_one_process(world, big_corpus, tmp_pa
     assert [[p["doc_id"] for p in r["opponents"]] for r in one] == [[p["doc_id"] for p in r["opponents"]] for r in two]
     for r1, r2 in zip(one, two):
         np.testing.assert_allclose([p["score"] for p in r1["proponents"]], [p["score"] for p in r2["proponents"]], atol=1e-6)
+
+
+# --- the int8 scan -------------------------------------------------------------------------------
+
+INT8_D = 224
+INT8_GROUPS = [(0, 16), (16, 64), (80, 144)]  # projection blocks of k = 4, 8, 12 (k² columns each)
+
+
+def _int8_index(tmp_path: Path, n: int, n_q: int, shard_docs: int) -> tuple[IndexStore, np.ndarray]:
+    """An fp16 index of clustered unit rows whose projection blocks are INT8_GROUPS, int8-compressed."""
+    x, q = testing.clustered(n, INT8_D, n_q, seed=4)
+    store = testing.write_index(tmp_path / "idx", x, "float16", shard_docs=shard_docs)
+    man = json.loads((store.path / "manifest.json").read_text())
+    man["projection"] = {"blocks": [{"name": f"b{i}", "k": int(n**0.5), "params": [], "offset": o} for i, (o, n) in enumerate(INT8_GROUPS)]}
+    writer.write_manifest(store.path, man)
+    entry = compress(store.path, "int8")
+    assert entry["groups"] == [list(g) for g in INT8_GROUPS]
+    return IndexStore(store.path), q
+
+
+def test_int8_scores_are_the_dequantized_dot_products_in_every_row_block():
+    """Scores = a·c · dequantized codes to float32 rounding, bit-identical wherever a row sits.
+
+    300 queries make the scan score 218 rows at a time, so the 1,000 rows span five blocks; a
+    permutation moves every row to another block and position.
+    """
+    x, q = testing.clustered(1000, INT8_D, 300, seed=2)
+    codes, scales = quantize_int8(x, INT8_GROUPS)
+    q_codes, q_scales = int8.int8_query(q)
+    assert int8._SCORE_BLOCK_BYTES // (4 * len(q)) < len(x) // 4
+    parts = int8.query_parts(q_codes, INT8_GROUPS)
+    got = int8._int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), parts, q_scales)  # [Q, n]
+    q_hat = q_codes.double().numpy() * q_scales.double().numpy()[:, None]
+    want = q_hat @ dequantize_int8(codes, scales, INT8_GROUPS).astype(np.float64).T
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)
+    # the query's own rounding is at most half its step, so the scores stay close to the float ones
+    assert np.abs(q_hat - q).max() <= q_scales.max().item() / 2 * 1.001
+    assert np.abs(got.numpy() - q @ x.T).max() < 0.01
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    moved = int8._int8_chunk_scores(torch.from_numpy(codes)[perm], torch.from_numpy(scales)[perm], parts, q_scales)
+    assert torch.equal(moved, got[:, perm])
+
+
+def test_int8_search_is_pinned_to_the_exact_top_k_for_any_chunking(tmp_path):
+    """Re-ranked int8 results equal the exact search's rows and scores, whatever the chunk size;
+    the approximate lists (no re-rank) do not depend on it either."""
+    store, q = _int8_index(tmp_path, 2400, 40, shard_docs=700)
+    ex = topk(store, q, 10)
+    first = None
+    for chunk_rows in (None, 333, 64):
+        r = search_compressed(store, q, 10, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(r.prop_rows, ex.prop_rows)
+        np.testing.assert_array_equal(r.opp_rows, ex.opp_rows)
+        np.testing.assert_array_equal(r.prop_scores, ex.prop_scores)
+        np.testing.assert_array_equal(r.opp_scores, ex.opp_scores)
+        approx = search_compressed(store, q, 10, rerank=0, chunk_rows=chunk_rows)
+        if first is None:
+            first = approx
+            overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.prop_rows, ex.prop_rows)])
+            assert overlap >= 0.9
+            assert np.abs(approx.prop_scores - ex.prop_scores).max() < 0.01
+        np.testing.assert_array_equal(approx.prop_rows, first.prop_rows)
+        np.testing.assert_array_equal(approx.prop_scores, first.prop_scores)

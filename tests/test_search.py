@@ -18,7 +18,7 @@ from tracestar.index import writer
 from tracestar.index.canonical import brute_force, exact_scores
 from tracestar.index.compress import compress, dequantize_int8, quantize_int8
 from tracestar.index.exact import topk, topk_distributed
-from tracestar.index.int8 import _int8_chunk_scores, int8_query_terms
+from tracestar.index.int8 import _int8_chunk_scores, int8_query, query_parts
 from tracestar.index.search import search, search_compressed
 from tracestar.index.store import IndexStore
 from tracestar.testing import unit, write_index
@@ -160,28 +160,28 @@ def test_int8_groups_give_a_small_block_its_own_scale():
 
 
 def test_int8_scores_match_float_math():
-    """Integer matmul scores = dequantized codes · (two-term query), to float rounding."""
+    """Integer matmul scores = dequantized codes · dequantized query, to float rounding."""
     x, q = clustered(300, 6)
     groups = [(0, 20), (20, D - 20)]
     codes, scales = quantize_int8(x, groups)
-    q_codes, q_scales = int8_query_terms(q)
-    n = len(q)
-    q_back = (q_codes[:n].double() * q_scales[:n, None].double() + q_codes[n:].double() * q_scales[n:, None].double())
-    assert (q_back - torch.from_numpy(q).double()).abs().max() < 1e-4 * np.abs(q).max()
-    got = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
+    q_codes, q_scales = int8_query(q)
+    parts = query_parts(q_codes, groups)
+    q_back = q_codes.double() * q_scales[:, None].double()
+    assert (q_back - torch.from_numpy(q).double()).abs().max() <= q_scales.double().max() / 2 * 1.001
+    got = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), parts, q_scales)
     want = q_back.numpy() @ dequantize_int8(codes, scales, groups).astype(np.float64).T
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     import tracestar.index.int8 as comp  # a torch build without an int8 gemm: the same bits
 
     saved, comp._HAS_INT_MM = comp._HAS_INT_MM, False
     try:
-        fallback = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), q_codes.T, q_scales, groups)
+        fallback = _int8_chunk_scores(torch.from_numpy(codes), torch.from_numpy(scales), parts, q_scales)
     finally:
         comp._HAS_INT_MM = saved
     assert torch.equal(fallback, got)
     # a row's score does not depend on where it sits in the chunk (duplicates tie exactly)
     perm = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
-    moved = _int8_chunk_scores(torch.from_numpy(codes)[perm], torch.from_numpy(scales)[perm], q_codes.T, q_scales, groups)
+    moved = _int8_chunk_scores(torch.from_numpy(codes)[perm], torch.from_numpy(scales)[perm], parts, q_scales)
     assert torch.equal(moved, got[:, perm])
 
 

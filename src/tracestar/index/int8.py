@@ -5,10 +5,10 @@ max|x| / 127 and codes = round(x / scale) in [-127, 127]. `compressed/int8/shard
 [rows, D]) + `compressed/int8/scales-NNNNN.npy` (float32 [rows, G], G blocks listed in the manifest
 entry as `groups`: [offset, size] column ranges).
 
-A query q is split into two int8 terms (a·c₁ + b·c₂, the second quantizing the first one's
-residual), and each group's codes · terms is one exact int8 × int8 → int32 matmul. Equal codes
-therefore give equal approximate scores wherever they sit, so duplicate documents tie here as they
-do in the exact search, and the running lists keep the exact search's tie order.
+A query q is quantized the same way (q ≈ a·c, one int8 term), and each group's codes · c is one
+exact int8 × int8 → int32 matmul. Equal codes therefore give equal approximate scores wherever
+they sit, so duplicate documents tie here as they do in the exact search, and the running lists
+keep the exact search's tie order.
 """
 
 from __future__ import annotations
@@ -56,30 +56,46 @@ def _load_int8(store: IndexStore, shard_no: int, entry: dict, verify: bool) -> t
 # (2^16 · 127² < 2^31).
 _INT32_SAFE_COLUMNS = 1 << 16
 
+# The float work after each integer matmul (convert, scale, add) touches [rows, Q] float32 once per
+# group; rows are scored this many bytes of scores at a time, so those passes stay in the core's
+# L2 cache rather than streaming the whole chunk's scores through memory once per group.
+_SCORE_BLOCK_BYTES = 256 << 10
 
-def int8_query_terms(q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [Q, D] ≈ a·c₁ + b·c₂ with int8 c₁, c₂: returns (codes [2Q, D] int8, scales [2Q] float32).
 
-    c₂ quantizes the residual of c₁, so the query error is ~1/127 of one int8 step (well below
-    bf16 rounding); the documents' own int8 error then dominates, and both terms go through one
-    exact integer matmul.
+def int8_query(q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Q, D] ≈ a·c with int8 c: returns (codes [Q, D] int8, scales a [Q] float32), a = max|q| / 127.
+
+    One term, like the documents' own codes: the query's rounding error is then of the size of a
+    document's, which widens the approximate scores' error by about √2 (they only pick candidates;
+    the re-rank scores those exactly). A second term quantizing the residual would make the query's
+    error negligible, but it doubles both the integer matmuls and the float passes after them:
+    measured that way, the int8 scan was slower than the fp16 exact scan.
     """
     q32 = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
-    terms, scales, rest = [], [], q32
-    for _ in range(2):
-        sc = rest.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # [Q]
-        c = torch.round(rest / sc[:, None]).clamp_(-127, 127)
-        rest = rest - c * sc[:, None]
-        terms.append(c.to(torch.int8))
-        scales.append(sc)
-    return torch.cat(terms), torch.cat(scales)
+    sc = q32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # [Q]
+    return torch.round(q32 / sc[:, None]).clamp_(-127, 127).to(torch.int8), sc
+
+
+QueryParts = list[tuple[int, int, int, torch.Tensor]]  # (group, first column, last column + 1, codes [n, Q] int8)
+
+
+def query_parts(q_codes: torch.Tensor, groups: Groups) -> QueryParts:
+    """The query codes [Q, D] cut into each group's columns (in pieces of at most
+    `_INT32_SAFE_COLUMNS`), each transposed to a contiguous [n, Q]: the right operand oneDNN's s8
+    gemm reads fastest, prepared once per search rather than once per chunk."""
+    parts = []
+    for g, (o, n) in enumerate(groups):
+        for lo in range(o, o + n, _INT32_SAFE_COLUMNS):
+            hi = min(o + n, lo + _INT32_SAFE_COLUMNS)
+            parts.append((g, lo, hi, q_codes[:, lo:hi].T.contiguous()))
+    return parts
 
 
 _HAS_INT_MM = True  # cleared the first time torch._int_mm turns out to be missing for the device
 
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """float32 [m, n] = a [m, k] · b [k, n] for int8 operands: torch's int8 gemm (VNNI on x86),
+    """float32 [m, n] = a [m, k] · b [k, n] for int8 operands: torch's int8 gemm (VNNI/AMX on x86),
     or, where this torch build has none for the device, a float64 matmul of the same integers.
 
     Both are exact integer sums (|sum| < 2^31, far below float64's 2^53; a float32 matmul would
@@ -94,25 +110,30 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double()).float()
 
 
-def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, q_codes_t: torch.Tensor, q_scales: torch.Tensor,
-                       groups: Groups) -> torch.Tensor:
-    """[Q, C] approximate scores of a chunk: Σ_groups scale_g · (codes_g · (a c₁ + b c₂)_g).
+def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, parts: QueryParts, q_scales: torch.Tensor) -> torch.Tensor:
+    """[Q, C] approximate scores of a chunk: a · Σ_groups scale_g · (codes_g · c_g).
 
-    codes [C, D] int8, scales [C, G], q_codes_t [D, 2Q] int8, q_scales [2Q]. Each group's
-    integer matmul is exact; the int32 → float32 conversion and the scaling round once. Only
-    single-operation elementwise kernels follow (no fused multiply-add, whose vector body and
-    scalar tail may round differently), so a row's score does not depend on where it sits in the
-    chunk: duplicate documents tie exactly.
+    codes [C, D] int8, scales [C, G] float32, parts from `query_parts`, q_scales a [Q]. Each
+    piece's integer matmul is exact; then only single-operation elementwise kernels follow, in a
+    fixed order (no fused multiply-add, whose vector body and scalar tail may round differently),
+    so a row's score does not depend on where it sits in the chunk: duplicate documents tie exactly.
+    Rows go through in blocks whose [rows, Q] scores fit in L2 (`_SCORE_BLOCK_BYTES`).
     """
-    n_q = q_scales.shape[0] // 2
-    out = torch.zeros(codes.shape[0], n_q)
-    for g, (o, n) in enumerate(groups):
-        dots = torch.zeros(codes.shape[0], 2 * n_q)  # [C, 2Q]
-        for lo in range(o, o + n, _INT32_SAFE_COLUMNS):
-            hi = min(o + n, lo + _INT32_SAFE_COLUMNS)
-            dots += _int8_matmul(codes[:, lo:hi], q_codes_t[lo:hi])
-        dots *= q_scales
-        out += (dots[:, :n_q] + dots[:, n_q:]) * scales[:, g : g + 1]
+    n_rows, n_q = codes.shape[0], q_scales.shape[0]
+    out = torch.empty(n_rows, n_q)  # [C, Q]
+    step = max(64, _SCORE_BLOCK_BYTES // (4 * max(1, n_q)))
+    for lo in range(0, n_rows, step):
+        hi = min(n_rows, lo + step)
+        block = out[lo:hi]  # [c, Q], contiguous
+        for i, (g, c0, c1, part) in enumerate(parts):
+            dots = _int8_matmul(codes[lo:hi, c0:c1], part)  # [c, Q], exact integers as float32
+            if i == 0:
+                torch.mul(dots, scales[lo:hi, g : g + 1], out=block)
+            else:
+                block.add_(dots.mul_(scales[lo:hi, g : g + 1]))
+        if not parts:
+            block.zero_()
+    out.mul_(q_scales)
     return out.T
 
 
@@ -126,17 +147,15 @@ def int8_candidates(
     """
     n_q = q.shape[0]
     props, opps = side_lists(n_q, n_cand)
-    groups = entry_groups(entry, store.dim)
-    q_codes, q_scales = int8_query_terms(q)
-    q_codes_t = q_codes.T  # [D, 2Q], the layout oneDNN's s8 gemm reads fastest here
+    q_codes, q_scales = int8_query(q)
+    parts = query_parts(q_codes, entry_groups(entry, store.dim))
     rows_per_chunk = chunk_rows or default_chunk_rows(store.dim, 1)
     for shard_no, info in enumerate(entry["shards"]):
         codes, scales = _load_int8(store, shard_no, entry, verify)
         start = int(info["start"])
         for lo in range(0, codes.shape[0], rows_per_chunk):
             hi = min(codes.shape[0], lo + rows_per_chunk)
-            s = _int8_chunk_scores(as_tensor(codes[lo:hi], "int8"), torch.from_numpy(scales[lo:hi]),
-                                   q_codes_t, q_scales, groups)
+            s = _int8_chunk_scores(as_tensor(codes[lo:hi], "int8"), torch.from_numpy(scales[lo:hi]), parts, q_scales)
             merge_above_threshold(props, s, start + lo)
             merge_above_threshold(opps, -s, start + lo)
     return props, opps
