@@ -105,12 +105,47 @@ def tokenizer_rate(model_dir: Path, corpus: Path, n_docs: int) -> dict:
 # --- the build, in a child process ---------------------------------------------------------------
 
 
+SHARD_DOCS = 4096
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _build_child(model_dir: str, corpus: str, out: str, proj_dim: int) -> None:
+    """The build, with (finished raw shards, this process's CPU seconds) sampled every 5 s: CPU time
+    per document does not depend on what else the machine runs, wall time does."""
     from tracestar.build import build_index
 
+    samples: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(5.0):
+            samples.append((len(list((Path(out) / "raw").glob("shard-*.json"))), _cpu_s()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     t = time.perf_counter()
-    build_index(model_dir, corpus, out, proj_dim=proj_dim, preconditioner="train", shard_docs=4096, quiet=True)
-    print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    sampler.start()
+    build_index(model_dir, corpus, out, proj_dim=proj_dim, preconditioner="train", shard_docs=SHARD_DOCS, quiet=True)
+    stop.set()
+    sampler.join()
+    print(json.dumps({"build_s": time.perf_counter() - t, "cpu_s": _cpu_s(), "cpu_samples": samples,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def docs_per_cpu_s_by_part(samples: list[tuple[int, float]], n_docs: int, parts: int = 4) -> list[float]:
+    """Corpus-pass documents per CPU second of the build process in `parts` consecutive runs of
+    shards, from the child's samples (from the first finished shard on, so loading is left out).
+    Flat parts: no cost that grows with the corpus."""
+    samples = [(min(n * SHARD_DOCS, n_docs), cpu) for n, cpu in samples if n >= 1]
+    if len(samples) < 2 * parts:
+        return []
+    cuts = np.linspace(samples[0][0], samples[-1][0], parts + 1)
+    at = [next(i for i, (n, _) in enumerate(samples) if n >= c) for c in cuts]
+    return [(samples[b][0] - samples[a][0]) / (samples[b][1] - samples[a][1])
+            for a, b in zip(at[:-1], at[1:]) if samples[b][1] > samples[a][1]]
 
 
 class LoadSampler:
@@ -169,7 +204,8 @@ def build(model_dir: Path, corpus: Path, out: Path, proj_dim: int) -> dict:
     timings = json.loads((out / "manifest.json").read_text()).get("timings")
     return {**row, "docs": docs, "tokens": tokens, "docs_per_s": docs / row["build_s"],
             "tokens_per_s": tokens / row["build_s"], "timings": timings, "load_average": load.summary(),
-            "pass_docs_per_s_by_quarter": pass_rate_by_part(out)}
+            "pass_docs_per_s_by_quarter": pass_rate_by_part(out),
+            "pass_docs_per_cpu_s_by_quarter": docs_per_cpu_s_by_part(row.pop("cpu_samples", []), docs)}
 
 
 def tree_bytes(index: Path) -> dict:
@@ -399,7 +435,9 @@ def main() -> None:
               f"({built['docs_per_s'] / tok['docs_per_s']:.3f} × tokenizer alone), {built['tokens_per_s']:.0f} tokens/s; "
               f"peak RSS {built['peak_rss_mb']:.0f} MB (children's max {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB); "
               f"load average {load['mean']:.1f} (max {load['max']:.1f})", flush=True)
-        print("corpus pass docs/s by quarter of the corpus: " + ", ".join(f"{r:.0f}" for r in built["pass_docs_per_s_by_quarter"])
+        print("corpus pass by quarter of the corpus: docs/s " + ", ".join(f"{r:.0f}" for r in built["pass_docs_per_s_by_quarter"])
+              + "; docs per CPU second " + ", ".join(f"{r:.0f}" for r in built["pass_docs_per_cpu_s_by_quarter"])
+              + f"; build {built['docs'] / built['cpu_s']:.0f} docs per CPU second in all"
               + f"; tokenizer alone before/after the build {tok['docs_per_s']:.0f}/{tok_after['docs_per_s']:.0f} docs/s", flush=True)
         report.update({"tokenizer": tok, "tokenizer_after_build": tok_after, "probe": probe, "build": built})
         _dump(a.out, report)  # a failure below keeps the build's figures
