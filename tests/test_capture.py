@@ -409,3 +409,39 @@ def test_fused_head_in_several_chunks(monkeypatch, llama_rig, docs, autocast):
     chunked = cap.vectors(docs)
     tol = 1e-5 if autocast is None else 2e-2
     assert torch.allclose(chunked, whole, rtol=tol, atol=tol * whole.abs().max())
+
+
+_BF16_WIDE_HEAD = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from tiny import llama, make_tokenizer
+from tracestar.batching import collate, encode_document
+from tracestar.capture import FactoredCapture
+from tracestar.model import tracked_matrices
+from tracestar.normalizer import identity
+from tracestar.projection import make_layout
+model = llama(vocab_size=49152)  # SmolLM2's vocabulary: the head's L is [k, 49152]
+tracked = tracked_matrices(model)
+blocks = make_layout(tracked, dim=5 * 32 * 32)
+assert [b.k for b in blocks] == [32] * 5, [b.k for b in blocks]
+tok = make_tokenizer()
+batch = collate([encode_document(tok, t, i, 64) for i, t in enumerate(sys.argv[2:])], tok.pad_token_id)
+exact = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0).vectors(batch)
+approx = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0, autocast=torch.bfloat16).vectors(batch)
+print(float(((approx - exact).norm(dim=1) / exact.norm(dim=1)).max()))
+"""
+
+
+def test_bf16_capture_with_a_wide_head_at_k_32():
+    """Under bf16 autocast, k = 32 against a 49,152-token head: torch 2.13's bf16 k-row product
+    `L @ pᵀ` of that shape dies with SIGFPE on CPUs with AMX, so the bf16 path multiplies the other
+    way round. Run in a child process, so a regression fails this test instead of killing the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    res = subprocess.run([sys.executable, "-c", _BF16_WIDE_HEAD, str(Path(__file__).parent), *TEXTS[:3]],
+                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    moved = float(res.stdout.strip().splitlines()[-1])
+    assert 1e-4 < moved < 3e-2, moved  # bf16 moved the vectors, a little

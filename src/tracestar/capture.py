@@ -35,7 +35,6 @@ from tracestar.model import Site, Tracked, fused_activations
 from tracestar.normalizer import Normalizer
 from tracestar.projection import Block, gaussian, layout_dim
 
-
 # Model families whose causal-LM forward is exactly `lm_head(base_model(...).last_hidden_state)`
 # (no logit scaling or soft-capping); for these the LM head and the loss are fused (below).
 _PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
@@ -284,14 +283,26 @@ def _x_side(site: Site, mats: _SideMats) -> torch.Tensor:
 def _project(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """[B, T, k] = x @ matᵀ for mat [k, n], x [B, T, n], in the projection's dtype.
 
-    Computed as mat @ xᵀ, a [k, B·T] product returned as a transposed view: for the odd k of the
-    default layout (71 for 13 blocks at 2^16) BLAS runs the k-row product about 1.5× faster than
-    the k-column one, and both operands of the per-example k × k sum accept the strided view.
+    The orientation that BLAS runs fastest depends on the dtype (`_k_rows_first`); both operands
+    of the per-example k × k sum accept either result's strides.
     """
     B, T, n = x.shape
     k = mat.shape[0]
     flat = x.reshape(B * T, n).to(mat.dtype)  # a no-op for fp32, and for bf16 activations under autocast
-    return (mat @ flat.T).view(k, B, T).permute(1, 2, 0)  # [B, T, k], strides (T, 1, B·T)
+    if _k_rows_first(mat):
+        return (mat @ flat.T).view(k, B, T).permute(1, 2, 0)  # [B, T, k], strides (T, 1, B·T)
+    return (flat @ mat.T).view(B, T, k)  # [B, T, k], contiguous
+
+
+def _k_rows_first(mat: torch.Tensor) -> bool:
+    """Whether to compute a projection as the k-row product mat @ xᵀ rather than x @ matᵀ.
+
+    In fp32 on a CPU, for the odd k of the default layouts, BLAS runs the k-row product about
+    1.5× faster. In bf16 (autocast) the CPU's bf16 kernels run x @ matᵀ 2-5× faster at SmolLM2's
+    widths, and torch 2.13's bf16 mat @ xᵀ dies with a floating-point exception for some shapes
+    with a long shared side (k = 32 against a 49,152-token head), so bf16 never takes it.
+    """
+    return mat.dtype == torch.float32
 
 
 # --- the LM head and the loss, fused ----------------------------------------------------------
@@ -332,7 +343,6 @@ class _FusedHeadLoss(torch.autograd.Function):
         rows = torch.nonzero(w).squeeze(1)
         k = mats.left.shape[0]
         dh = torch.zeros(B * T, d, dtype=hidden.dtype, device=hidden.device)
-        dp_t = torch.zeros(k, B * T, dtype=torch.float32, device=hidden.device)  # [k, B·T]: see _project
         loss_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
         step = _head_chunk(hidden.device, V)
         unit = bool((w.index_select(0, rows) == 1).all())  # the usual 0/1 loss mask: no scaling
@@ -341,6 +351,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
         Wc, hc, left = W.to(dtype), h.to(dtype), mats.left.to(dtype)  # L is already in it
+        # the head's projected δ, L δ: [k, B·T] or [B·T, k], in the orientation of `_project`
+        rows_first = _k_rows_first(left)
+        dp = torch.zeros((k, B * T) if rows_first else (B * T, k), dtype=torch.float32, device=hidden.device)
         with torch.autocast(dev, enabled=False):
             for s in range(0, rows.numel(), step):
                 r = rows[s : s + step]
@@ -357,19 +370,23 @@ class _FusedHeadLoss(torch.autograd.Function):
                 pc = p.to(dtype)
                 del logp, p
                 dh.index_copy_(0, r, (pc @ Wc).to(dh.dtype))
-                dp_t.index_copy_(1, r, (left @ pc.T).float())
+                if rows_first:
+                    dp.index_copy_(1, r, (left @ pc.T).float())
+                else:
+                    dp.index_copy_(0, r, (pc @ left.T).float())
         xp = _project(mats.right, hidden)  # [B, T, k] the head's input side
-        ctx.capture, ctx.mats, ctx.shape = capture, mats, (B, T, k)
-        ctx.save_for_backward(dh, dp_t, xp)
+        ctx.capture, ctx.mats, ctx.shape, ctx.rows_first = capture, mats, (B, T, k), rows_first
+        ctx.save_for_backward(dh, dp, xp)
         return loss_tok.view(B, T).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dh, dp_t, xp = ctx.saved_tensors
+        dh, dp, xp = ctx.saved_tensors
         B, T, k = ctx.shape
         gl = grad_loss.float().view(B, 1, 1)
         acc = ctx.capture._acc[ctx.mats.block]
-        left = dp_t.view(k, B, T).permute(1, 0, 2) * gl  # [B, k, T]
+        per_example = dp.view(k, B, T).permute(1, 0, 2) if ctx.rows_first else dp.view(B, T, k).transpose(1, 2)
+        left = per_example * gl  # [B, k, T]
         acc.baddbmm_(left.to(acc.dtype), xp.to(acc.dtype))
         grad_hidden = dh.view(B, T, -1) * gl.to(dh.dtype)
         return grad_hidden, None, None, None
