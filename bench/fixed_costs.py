@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from index_throughput import SIZES, _peak_rss_mb, _save_model_with_tokenizer
 
 PHASES = ("load", "V", "verify", "corpus pass", "R statistics", "eigendecomposition", "final vectors", "writes")
 
@@ -151,8 +151,8 @@ def v_only(model: str, n_docs: int, lo: int, hi: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if model in SIZES:
-            _save_model_with_tokenizer(model, root / "model")
+        if model in _throughput().SIZES:
+            _throughput()._save_model_with_tokenizer(model, root / "model")
         else:
             _save_llama_with_tokenizer(model, root / "model")
         tracer = Tracer(root / "model")
@@ -168,7 +168,24 @@ def v_only(model: str, n_docs: int, lo: int, hi: int) -> None:
               f"words: {wall:.1f} s ({wall / n_docs * 1000:.0f} ms per document), peak RSS {rss:,.0f} MB")
 
 
+def _throughput():
+    """`index_throughput.py`, imported by the parent process only: a build child may run another
+    tracestar tree (`--before`), which that bench's own imports need not match."""
+    import index_throughput
+
+    return index_throughput
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:  # [--child MODEL CORPUS OUT KW --threads N], from `build`
+        torch.set_num_threads(int(sys.argv[-1]))
+        _build_child(*sys.argv[2:6])
+        return
+    SIZES = _throughput().SIZES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2m", choices=tuple(SIZES))
     ap.add_argument("--docs", type=int, default=3000)
@@ -186,18 +203,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--v-only", default=None, metavar="MODEL",
                     help="only time V estimation on --docs documents: 2m (GPT-2) or a Llama preset (smollm2)")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.v_only:
         v_only(args.v_only, args.docs, args.min_words, args.max_words)
         return
-    if args.child:
-        _build_child(*args.child)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _save_model_with_tokenizer(args.size, root / "model")
+        _throughput()._save_model_with_tokenizer(args.size, root / "model")
         corpus = root / "corpus.jsonl"
         vocab = SIZES[args.size][2] - 3
         write_corpus(corpus, args.docs, vocab, args.min_words, args.max_words)
