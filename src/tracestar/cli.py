@@ -174,7 +174,7 @@ _REFIT_OPTIONS = {
     "lam": "mixing weight of R_eval in [0, 1], mixed only (default: spectrum matching)",
     "fit_docs": "documents sampled for R_train (default: the index's)",
     "damping": "added to R's spectrum, times its mean eigenvalue; > 0 (default: the index's)",
-    "r_factor": "how R is factored: eigh (R^-1/2) or cholesky (the same scores, ~10x cheaper; default: the index's)",
+    "r_factor": "how R is factored: eigh (R^-1/2) or cholesky (the same scores, 5-7x faster; default: the index's)",
 }
 
 

@@ -20,7 +20,8 @@ The whitener W, with damping δ · mean eigenvalue (= δ · trace / m) added to 
 - `cholesky`: W = L^{-T} with L Lᵀ = R + δ I. Every score Ḡ_q · Ḡ_d is the same (W Wᵀ is the
   same matrix, so g_qᵀ W Wᵀ g_d and both norms are), to float64 rounding; the stored vectors are in
   another orthonormal basis, so their bytes differ. A Cholesky factor and one triangular solve cost
-  about a tenth of an eigendecomposition (0.2 s against 2.1 s for a range of 1,857 at one thread).
+  a fifth to a tenth of an eigendecomposition and its product (0.2 s against 2.1 s for one range of
+  1,857 at one thread on an idle core; 13.3 s against 68.6 s for 35 such ranges on a loaded one).
 
 Costs, at 2^16 dimensions (35 ranges of ~1,857): the sums are float32 (the raw vectors they are
 made of are float32; a sum takes one rounding per update, ~1e-7 relative, far below the damping
