@@ -267,7 +267,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--kind", required=True, choices=["int8", "pq"],
                    help="int8: one byte per coordinate (a quarter of float32), near-exact scores; pq: FAISS product "
-                        "quantization, --m × --nbits bits per document, approximate scores")
+                        "quantization, --m × --nbits bits per document (from 16,384 dims: one sign bit per coordinate), approximate scores")
     add_fields(p, CompressOptions)
     p.set_defaults(func=_run_compress)
 
@@ -276,7 +276,7 @@ def _run_compress(args) -> int:
     from tracestar.index.compress import compress
 
     entry = compress(args.index, args.kind, m=args.m, nbits=args.nbits, nlist=args.nlist, drop_exact=args.drop_exact)
-    extra = f", m={entry['m']} nbits={entry['nbits']}" + (f" nlist={entry['nlist']}" if entry.get("nlist") else "") if args.kind == "pq" else ""
+    extra = f", form={entry.get('form', 'pq')} m={entry['m']} nbits={entry['nbits']}" + (f" nlist={entry['nlist']}" if entry.get("nlist") else "") if args.kind == "pq" else ""
     print(f"{args.index}: {args.kind} written, {entry['bytes_per_doc']} bytes/doc{extra} ({entry['seconds']:.1f} s)")
     if args.drop_exact:
         print(f"{args.index}: vectors/ shards dropped; search scores are now approximate")

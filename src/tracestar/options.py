@@ -260,9 +260,10 @@ class QueryOptions:
 class CompressOptions:
     """What `tracestar compress` is asked besides the index and the kind (int8 or pq)."""
 
-    m: int | None = _opt(None, "PQ sub-quantizers, dividing the dimension (default: dim/4, at most 4096)")
-    nbits: int = _opt(8, "PQ bits per sub-quantizer, 1 to 16 (default %(default)s)")
-    nlist: int | None = _opt(None, "IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows)")
+    m: int | None = _opt(None, "FAISS PQ sub-quantizers, dividing the dimension (default: dim/4, at most 4096)")
+    nbits: int | None = _opt(None, "FAISS PQ bits per sub-quantizer, 1 to 16 (default 8)")
+    nlist: int | None = _opt(None, "IVF lists; 0: plain PQ (default: IVF-PQ above 50k rows). From 16,384 dims "
+                                   "--kind pq writes 1-bit sign codes unless --m, --nbits or --nlist asks for FAISS")
     drop_exact: bool = _opt(False, "delete vectors/ shards afterwards (scores become approximate)")
 
 

@@ -9,19 +9,34 @@ Two forms, listed in the manifest under `"compressed"` (their readers: `index/in
   as `groups`: [offset, size] column ranges). D + 4·G bytes per document: half of fp16. One scale
   per block, not per row, because blocks differ in magnitude (a GPT-2 embedding block can be ~10×
   smaller than its layer blocks) and a row-wide scale would leave the small block few levels.
-- **pq**: FAISS product quantization trained on the index's own vectors, inner-product metric
-  (the vectors are unit-normalised): `IndexPQ`, or `IndexIVFPQ` for large corpora.
-  `compressed/pq.faiss`; FAISS ids are the index rows. The k-means runs here in torch, all
-  sub-spaces batched, and the trained codebooks are handed to FAISS; the rows are encoded in torch
-  the same way (`encode_pq`) and their codes added to FAISS as they are. Its parameters come from
-  the dimension and the row count (`pq_params`), so that training, memory and query time stay
-  bounded as both grow: see that function for the rule.
+- **pq**, two forms, chosen by `pq_params` from the dimension (the manifest entry's `form`):
+  - "binary" (from BINARY_MIN_DIM = 16,384 dims): one sign bit per coordinate, packed
+    (`compressed/pq-binary/codes-NNNNN.npy`, uint8 [rows, ⌈D/8⌉]) and one float per row
+    (`factors-NNNNN.npy`, ‖x‖² / ‖x‖₁), read by `index/pq.py`: q·x ≈ (q·sign(x)) · ‖x‖² / ‖x‖₁,
+    the estimator of RaBitQ (Gao & Long, SIGMOD 2024) without its random rotation (whitened
+    vectors are already near-isotropic). Product quantization in its limit of one-dimensional
+    sub-vectors with two centroids, ±‖x‖²/‖x‖₁: nothing to train, D/8 bytes per row (1/16 of
+    fp16), and a query scan that is an int8 matrix product (±1 × the int8 query) rather than table
+    lookups. Measured at 2^16 dims (bench/search.py `--pq-scan`): 8-bit PQ's lookups were 4.3×
+    slower than the exact fp16 scan; FAISS's 4-bit fast scan was fast but, with thousands of
+    sub-quantizers, its 16-bit accumulators force such coarse tables that its top 400 missed most
+    of the exact top 10; the binary scan was faster than the exact one and its top 400 re-ranked
+    held the exact top 10.
+  - "pq" / "ivfpq" (below 16,384 dims, or when `m`, `nbits` or `nlist` is given): FAISS product
+    quantization trained on the index's own vectors, inner-product metric (the vectors are
+    unit-normalised): `IndexPQ`, or `IndexIVFPQ` for large corpora, in `compressed/pq.faiss`;
+    FAISS ids are the index rows. The k-means runs here in torch, all sub-spaces batched, and the
+    trained codebooks are handed to FAISS; the rows are encoded in torch the same way
+    (`encode_pq`) and their codes added to FAISS as they are.
+  Parameters come from the dimension and the row count, so that training, memory and query time
+  stay bounded as both grow: see `pq_params` for the rule.
 
 `compress(..., drop_exact=True)` then deletes the `vectors/` shards; searches become approximate.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +46,7 @@ import torch
 from tracestar import files
 from tracestar.errors import IndexStoreError, UserError, check_int
 from tracestar.index.int8 import Groups, whole_row
-from tracestar.index.pq import faiss_module
+from tracestar.index.pq import BINARY_DIR, binary_paths, faiss_module
 from tracestar.index.store import IndexStore, as_float32, read_manifest
 from tracestar.index.writer import (
     COMPRESSED_DIR,
@@ -45,7 +60,11 @@ from tracestar.index.writer import (
     write_manifest,
 )
 
-IVF_MIN_ROWS = 50_000  # above this many rows PQ uses an inverted file (IVF-PQ)
+IVF_MIN_ROWS = 50_000  # above this many rows 8-bit PQ uses an inverted file (IVF-PQ)
+BINARY_MIN_DIM = 1 << 14  # from this many dims `compress --kind pq` writes the binary form (`pq_params`)
+BINARY_RERANK = 400  # candidates per query and direction re-ranked exactly after the binary scan
+BINARY_ENCODE_ROWS = 1024  # rows signed and packed at a time (float32 block of 256 MiB at 2^16 dims)
+PQ_FORMS = ("binary", "faiss")  # what `compress(pq_form=...)` accepts (None: by the dimension)
 PQ_MIN_DSUB = 4  # dims per sub-vector at least: 8-bit codes then take ≤ 1/8 of the fp16 bytes
 PQ_MAX_M = 4096  # sub-quantizers at most: the scan reads m code bytes per row, whatever the dimension
 PQ_RERANK = 100  # candidates re-ranked exactly per query at 4 dims per sub-vector, in proportion above
@@ -147,30 +166,49 @@ def default_pq_m(dim: int, nbits: int = 8) -> int:
     return m
 
 
-def pq_params(dim: int, n_rows: int, nbits: int = 8) -> dict:
-    """PQ's parameters for an index of `n_rows` rows of `dim` dims: {m, nbits, nlist, nprobe, train_rows, rerank}.
+def pq_params(
+    dim: int, n_rows: int, nbits: int | None = None, nlist: int | None = None, *, m: int | None = None,
+    form: str | None = None,
+) -> dict:
+    """PQ's parameters for `n_rows` rows of `dim` dims: {form, m, nbits, nlist, nprobe, train_rows, rerank}.
 
-    - m: `default_pq_m`; rerank: PQ_RERANK × (dims per sub-vector / 4), the candidates per query
-      and direction `search` re-scores exactly unless told otherwise (400 at 2^16 dims).
-    - nlist (IVF lists): 0 (plain PQ) up to IVF_MIN_ROWS rows; above, the power of two nearest √rows
-      (1M rows: 1,024), at most train_rows / TRAIN_PER_CENTROID so every coarse centroid has its
-      points. nprobe = nlist / IVF_PROBE_SHARE: a query scans ~1/16 of the rows' codes.
+    form "binary" from BINARY_MIN_DIM dims on, unless `m`, `nbits` or `nlist` asks for FAISS (or
+    `form` is given): one sign bit per coordinate (m = dim sub-quantizers of 1 bit), nothing to
+    train, flat (every row scanned), BINARY_RERANK candidates per query and direction re-ranked.
+    No inverted file: on near-isotropic (whitened) vectors an IVF probing 1/16 of its lists found
+    0.26–0.30 of the exact top 10 (200k–400k rows), and probing every list cost more than the exact
+    scan, while the flat binary scan is itself faster than the exact one.
+
+    Otherwise FAISS, form "pq" (`IndexPQ`) or "ivfpq" (`IndexIVFPQ`), 8 bits unless `nbits`:
+    - m: `default_pq_m`; rerank: PQ_RERANK × (dims per sub-vector / 4) (400 at 2^16 dims).
+    - nlist: as given; by default 0 up to IVF_MIN_ROWS rows and above, the power of two nearest
+      √rows (1M rows: 1,024), at most train_rows / TRAIN_PER_CENTROID so every coarse centroid has
+      its points. nprobe = nlist / IVF_PROBE_SHARE: a query scans ~1/16 of the rows' codes.
     - train_rows: a seeded sample of TRAIN_PER_CENTROID points per centroid (2^nbits for the
       sub-quantizers, nlist for the coarse one), capped at TRAIN_SAMPLE_BYTES of float32. Training
       then costs O(train_rows · 2^nbits · dim) per k-means iteration: linear in dim, not in rows.
     """
-    ksub = 1 << int(nbits)
+    if form is None:
+        asked = m is not None or nbits is not None or nlist is not None
+        form = "binary" if dim >= BINARY_MIN_DIM and not asked else "faiss"
+    if form == "binary":
+        return {"form": "binary", "m": dim, "nbits": 1, "nlist": 0, "nprobe": None, "train_rows": 0,
+                "rerank": BINARY_RERANK}
+    nbits = 8 if nbits is None else int(nbits)
+    ksub = 1 << nbits
     cap = max(ksub, TRAIN_SAMPLE_BYTES // (4 * dim))
-    nlist = 0
-    if n_rows > IVF_MIN_ROWS:
-        nlist = 1 << round(float(np.log2(np.sqrt(n_rows))))
-        while nlist > 1 and TRAIN_PER_CENTROID * nlist > min(cap, n_rows):
-            nlist //= 2
+    if nlist is None:
+        nlist = 0
+        if n_rows > IVF_MIN_ROWS:
+            nlist = 1 << round(float(np.log2(np.sqrt(n_rows))))
+            while nlist > 1 and TRAIN_PER_CENTROID * nlist > min(cap, n_rows):
+                nlist //= 2
     train_rows = min(n_rows, cap, TRAIN_PER_CENTROID * max(ksub, nlist))
     nprobe = max(1, nlist // IVF_PROBE_SHARE) if nlist else None
-    m = default_pq_m(dim, nbits)
+    m = m or default_pq_m(dim, nbits)
     rerank = PQ_RERANK * max(1, dim // m // PQ_MIN_DSUB)
-    return {"m": m, "nbits": int(nbits), "nlist": nlist, "nprobe": nprobe, "train_rows": int(train_rows), "rerank": rerank}
+    return {"form": "ivfpq" if nlist else "pq", "m": m, "nbits": nbits, "nlist": nlist, "nprobe": nprobe,
+            "train_rows": int(train_rows), "rerank": rerank}
 
 
 def _sample_rows(store: IndexStore, n: int, seed: int, verify: bool) -> np.ndarray:
@@ -326,26 +364,76 @@ def _fill_pq(faiss, index, store: IndexStore, verify: bool) -> None:
             index.add_sa_codes(_pq_sa_codes(torch.from_numpy(x), cent, coarse, coarse_bytes))
 
 
+def encode_binary(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows x [n, D] → (sign bits uint8 [n, ⌈D/8⌉], factors float32 [n]) of the binary form.
+
+    Bit j of a row (little-endian within each byte) is 1 where x_j ≥ 0 (reads as +1), else 0
+    (−1); the padding bits past D are 0 and meet zero query coordinates. factor = ‖x‖² / ‖x‖₁, so
+    that (q·sign(x)) · factor estimates q·x (`index/pq.py`); 0 for an all-zero row (a non-finite
+    document's), which then scores 0 as it does exactly.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    codes = np.packbits(x >= 0, axis=1, bitorder="little")
+    x64 = x.astype(np.float64)
+    l1 = np.abs(x64).sum(axis=1)
+    factors = np.divide((x64 * x64).sum(axis=1), l1, out=np.zeros_like(l1), where=l1 > 0)
+    return codes, factors.astype(np.float32)
+
+
+def _compress_binary(store: IndexStore, *, verify: bool) -> dict:
+    """Write the binary form of every shard, BINARY_ENCODE_ROWS rows at a time; returns the manifest entry."""
+    stored = store.stored_dtype(VECTORS)
+    t0 = time.perf_counter()
+    shards = []
+    n_bytes = (store.dim + 7) // 8
+    for shard_no, info in enumerate(store.shards):
+        block = store.load_shard(VECTORS, shard_no, verify=verify)
+        codes = np.empty((block.shape[0], n_bytes), dtype=np.uint8)
+        factors = np.empty(block.shape[0], dtype=np.float32)
+        for lo in range(0, block.shape[0], BINARY_ENCODE_ROWS):
+            c, f = encode_binary(as_float32(np.asarray(block[lo : lo + BINARY_ENCODE_ROWS]), stored))
+            codes[lo : lo + len(f)], factors[lo : lo + len(f)] = c, f
+        cpath, fpath = binary_paths(store.path, shard_no)
+        shards.append({"name": info["name"], "start": int(info["start"]), "rows": int(info["rows"]),
+                       "codes_sha256": files.write_npy(cpath, codes), "factors_sha256": files.write_npy(fpath, factors)})
+    return {
+        "path": BINARY_DIR,
+        "form": "binary",
+        "scheme": "sign bits (1 = x ≥ 0), little-endian per byte; factor = ‖x‖² / ‖x‖₁; q·x ≈ (q·sign(x)) · factor",
+        "dim": store.dim,
+        "m": store.dim,
+        "nbits": 1,
+        "rerank": BINARY_RERANK,
+        "train_rows": 0,
+        "encode_seconds": round(time.perf_counter() - t0, 3),
+        "bytes_per_doc": n_bytes + 4,
+        "code_bytes_per_doc": n_bytes,
+        "shards": shards,
+    }
+
+
 def _compress_pq(
     store: IndexStore,
     *,
     m: int | None,
-    nbits: int,
+    nbits: int | None,
     nlist: int | None,
     train_rows: int | None,
     niter: int,
     seed: int,
     verify: bool,
+    form: str | None = None,
 ) -> dict:
-    """Train, fill and write `compressed/pq.faiss`; returns its manifest entry."""
-    faiss = faiss_module()
+    """Write the PQ form `pq_params` picks (or `form`): the binary one, or a trained FAISS index
+    in `compressed/pq.faiss`; returns its manifest entry."""
     d = store.dim
-    auto = pq_params(d, store.n_rows, nbits)
-    m = m or auto["m"]
+    auto = pq_params(d, store.n_rows, nbits, nlist, m=m, form=form)
+    if auto["form"] == "binary":
+        return _compress_binary(store, verify=verify)
+    faiss = faiss_module()
+    m, nbits, nlist, nprobe = auto["m"], auto["nbits"], auto["nlist"], auto["nprobe"]
     if d % m:
         raise UserError(f"--m {m} must divide the index dimension {d}")
-    nprobe = auto["nprobe"] if nlist is None else None
-    nlist = auto["nlist"] if nlist is None else nlist
     train_rows = train_rows or auto["train_rows"]
     t0 = time.perf_counter()
     train = _sample_rows(store, train_rows, seed, verify)
@@ -361,6 +449,7 @@ def _compress_pq(
     code_bytes = (m * nbits + 7) // 8
     return {
         "path": PQ_FILE,
+        "form": auto["form"],
         "faiss": "IndexIVFPQ" if nlist else "IndexPQ",
         "metric": "inner_product",
         "m": m,
@@ -368,7 +457,7 @@ def _compress_pq(
         "nlist": nlist or None,
         "nprobe": nprobe,
         "train_rows": int(min(train_rows, store.n_rows)),
-        "rerank": PQ_RERANK * max(1, d // m // PQ_MIN_DSUB),  # default re-rank depth (`pq_params`)
+        "rerank": auto["rerank"],  # default re-rank depth (`pq_params`)
         "train_seconds": round(train_s, 3),
         "encode_seconds": round(encode_s, 3),
         "niter": niter,
@@ -388,25 +477,30 @@ def compress(
     kind: str,
     *,
     m: int | None = None,
-    nbits: int = 8,
+    nbits: int | None = None,
     nlist: int | None = None,
     train_rows: int | None = None,
     niter: int = 10,
     seed: int = 0,
     drop_exact: bool = False,
     verify: bool = True,
+    pq_form: str | None = None,
 ) -> dict:
     """Write the compressed form `kind` ("int8" | "pq") beside the exact shards; returns its manifest entry.
 
     The manifest's `"compressed"` gains `kind` (paths, checksums, bytes/doc) and `"default"` (the form
     `search` uses). `drop_exact=True` then deletes the `vectors/` shards (the manifest is updated
     first, so an interruption never leaves it pointing at deleted files); `raw/` stays.
+    pq_form: "binary" or "faiss" to override `pq_params`' choice by the dimension (kind "pq").
+    Writing one PQ form deletes the other's files once the manifest no longer lists them.
     """
     if kind not in FORMS:
         raise UserError(f"unknown compressed form {kind!r}; choose one of {', '.join(FORMS)}")
     check_int("--m", m, minimum=1, optional=True)
-    check_int("--nbits", nbits, minimum=1, maximum=16)
+    check_int("--nbits", nbits, minimum=1, maximum=16, optional=True)
     check_int("--nlist", nlist, minimum=0, optional=True)
+    if pq_form is not None and pq_form not in PQ_FORMS:
+        raise UserError(f"unknown PQ form {pq_form!r}; choose one of {', '.join(PQ_FORMS)}")
     store = IndexStore(index_dir)
     if not store.has_kind(VECTORS):
         raise IndexStoreError(f"{index_dir}: no vectors/ shards to compress (already dropped?)")
@@ -417,7 +511,8 @@ def compress(
     if kind == "int8":
         entry = _compress_int8(store, verify=verify)
     else:
-        entry = _compress_pq(store, m=m, nbits=nbits, nlist=nlist, train_rows=train_rows, niter=niter, seed=seed, verify=verify)
+        entry = _compress_pq(store, m=m, nbits=nbits, nlist=nlist, train_rows=train_rows, niter=niter, seed=seed,
+                             verify=verify, form=pq_form)
     entry["source_dtype"] = store.stored_dtype(VECTORS)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     entry["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -429,10 +524,20 @@ def compress(
     comp.setdefault("exact_dropped", False)
     manifest["compressed"] = comp
     write_manifest(index_dir, manifest)
+    if kind == "pq":
+        _remove_other_pq_form(index_dir, entry)
 
     if drop_exact:
         drop_exact_vectors(index_dir)
     return entry
+
+
+def _remove_other_pq_form(index_dir: str | Path, entry: dict) -> None:
+    """Delete the files of the PQ form `entry` replaced (the manifest, already written, lists only `entry`)."""
+    if entry.get("form") == "binary":
+        (Path(index_dir) / PQ_FILE).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(Path(index_dir) / BINARY_DIR, ignore_errors=True)
 
 
 def drop_exact_vectors(index_dir: str | Path) -> None:

@@ -395,6 +395,10 @@ def compressed_files(out: Path, manifest: dict) -> list[tuple[str, str, str]]:
             codes, scales = int8_paths(out, shard_no)
             found += [("int8", str(codes.relative_to(out)), info["codes_sha256"]),
                       ("int8", str(scales.relative_to(out)), info["scales_sha256"])]
-    if "pq" in comp:
+    if "pq" in comp and comp["pq"].get("form") == "binary":  # per-shard files, as `index/pq.binary_paths` names them
+        for shard_no, info in enumerate(comp["pq"]["shards"]):
+            found += [("pq", f"{comp['pq']['path']}/codes-{shard_no:05d}.npy", info["codes_sha256"]),
+                      ("pq", f"{comp['pq']['path']}/factors-{shard_no:05d}.npy", info["factors_sha256"])]
+    elif "pq" in comp:
         found.append(("pq", comp["pq"]["path"], comp["pq"]["sha256"]))
     return found
