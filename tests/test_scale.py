@@ -165,7 +165,7 @@ def test_int8_search_is_pinned_to_the_exact_top_k_for_any_chunking(tmp_path):
     store, q = _int8_index(tmp_path, 2400, 40, shard_docs=700)
     ex = topk(store, q, 10)
     first = None
-    for chunk_rows in (None, 333, 64):
+    for chunk_rows in (None, 1000, 333, 64):  # 1,000 and 333: scores collected across shard boundaries
         r = search_compressed(store, q, 10, chunk_rows=chunk_rows)
         np.testing.assert_array_equal(r.prop_rows, ex.prop_rows)
         np.testing.assert_array_equal(r.opp_rows, ex.opp_rows)

@@ -110,17 +110,19 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double()).float()
 
 
-def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, parts: QueryParts, q_scales: torch.Tensor) -> torch.Tensor:
+def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, parts: QueryParts, q_scales: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """[Q, C] approximate scores of a chunk: a · Σ_groups scale_g · (codes_g · c_g).
 
-    codes [C, D] int8, scales [C, G] float32, parts from `query_parts`, q_scales a [Q]. Each
-    piece's integer matmul is exact; then only single-operation elementwise kernels follow, in a
-    fixed order (no fused multiply-add, whose vector body and scalar tail may round differently),
-    so a row's score does not depend on where it sits in the chunk: duplicate documents tie exactly.
-    Rows go through in blocks whose [rows, Q] scores fit in L2 (`_SCORE_BLOCK_BYTES`).
+    codes [C, D] int8, scales [C, G] float32, parts from `query_parts`, q_scales a [Q]; `out`
+    [C, Q] float32 receives them (the result is its transposed view). Each piece's integer matmul
+    is exact; then only single-operation elementwise kernels follow, in a fixed order (no fused
+    multiply-add, whose vector body and scalar tail may round differently), so a row's score does
+    not depend on where it sits in the chunk: duplicate documents tie exactly. Rows go through in
+    blocks whose [rows, Q] scores fit in L2 (`_SCORE_BLOCK_BYTES`).
     """
     n_rows, n_q = codes.shape[0], q_scales.shape[0]
-    out = torch.empty(n_rows, n_q)  # [C, Q]
+    out = torch.empty(n_rows, n_q) if out is None else out  # [C, Q]
     step = max(64, _SCORE_BLOCK_BYTES // (4 * max(1, n_q)))
     for lo in range(0, n_rows, step):
         hi = min(n_rows, lo + step)
@@ -137,6 +139,12 @@ def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, parts: QueryPa
     return out.T
 
 
+# Scores ([rows, Q] float32) are collected, across shard boundaries, up to this many bytes before
+# they are merged into the running lists: a merge sorts the [Q, n_cand] lists whatever its width,
+# so merging once per 4,096-row shard cost more than scoring the shard.
+_MERGE_BYTES = 32 << 20
+
+
 def int8_candidates(
     store: IndexStore, q: np.ndarray, n_cand: int, entry: dict, verify: bool, chunk_rows: int | None
 ) -> tuple[RunningTopK, RunningTopK]:
@@ -144,18 +152,39 @@ def int8_candidates(
 
     Equal scores are ordered by row as in the exact search: duplicate documents have identical
     codes, so they tie here exactly as they tie there, and the same one is listed first.
+    `chunk_rows`: rows scored between two merges (default: `default_chunk_rows`, at most
+    `_MERGE_BYTES` of scores).
     """
     n_q = q.shape[0]
     props, opps = side_lists(n_q, n_cand)
     q_codes, q_scales = int8_query(q)
     parts = query_parts(q_codes, entry_groups(entry, store.dim))
-    rows_per_chunk = chunk_rows or default_chunk_rows(store.dim, 1)
+    width = chunk_rows or max(16, min(default_chunk_rows(store.dim, 1), _MERGE_BYTES // (4 * max(1, n_q))))
+    buf = torch.empty(width, n_q)  # [rows, Q]: scores of rows first, first + 1, … not merged yet
+    first, filled = 0, 0
+
+    def merge() -> None:
+        s = buf[:filled].T  # [Q, filled]
+        merge_above_threshold(props, s, first)
+        merge_above_threshold(opps, -s, first)
+
     for shard_no, info in enumerate(entry["shards"]):
         codes, scales = _load_int8(store, shard_no, entry, verify)
         start = int(info["start"])
-        for lo in range(0, codes.shape[0], rows_per_chunk):
-            hi = min(codes.shape[0], lo + rows_per_chunk)
-            s = _int8_chunk_scores(as_tensor(codes[lo:hi], "int8"), torch.from_numpy(scales[lo:hi]), parts, q_scales)
-            merge_above_threshold(props, s, start + lo)
-            merge_above_threshold(opps, -s, start + lo)
+        if filled and first + filled != start:  # rows not contiguous with the buffered ones
+            merge()
+            filled = 0
+        lo = 0
+        while lo < codes.shape[0]:
+            if filled == 0:
+                first = start + lo
+            hi = min(codes.shape[0], lo + width - filled)
+            _int8_chunk_scores(as_tensor(codes[lo:hi], "int8"), torch.from_numpy(scales[lo:hi]), parts, q_scales,
+                               out=buf[filled : filled + hi - lo])
+            filled, lo = filled + hi - lo, hi
+            if filled == width:
+                merge()
+                filled = 0
+    if filled:
+        merge()
     return props, opps
