@@ -58,11 +58,18 @@ from pathlib import Path
 
 import torch
 
-from tracestar.batching import Example, bucketed, collate, encode_document, forward_loss, pad_id
+from tracestar.batching import (
+    Example,
+    bucketed,
+    collate,
+    encode_document,
+    forward_loss,
+    pad_id,
+)
 from tracestar.capture import FactoredCapture
 from tracestar.model import coverage, fused_activations, tracked_matrices
 from tracestar.normalizer import identity
-from tracestar.projection import DEFAULT_DIM, make_layout
+from tracestar.projection import DEFAULT_DIM, PAPER_GROUPS, make_layout
 
 SIZES = {  # name: (n_layer, n_embd, vocab)
     "2m": (2, 192, 4096),
@@ -176,15 +183,21 @@ def build_model(size: str, *, arch: str, device: str, dtype: torch.dtype, act: s
 def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds: int, *, arch: str = "gpt2",
                device: str = "cpu", dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
                act: str = "gelu_new", max_len: int = 256, min_len: int = 32, model_dir: str | None = None,
-               corpus: str | None = None, model=None, tokenizer=None, profile: int = 0) -> dict:
+               corpus: str | None = None, model=None, tokenizer=None, profile: int = 0,
+               groups: tuple[int, ...] = (PAPER_GROUPS,)) -> dict:
     """Interleaved training-step and indexing tok/s on the same batches (see the module docstring).
 
-    `model`/`tokenizer` reuse an already built model (several autocast settings in one run)."""
+    `model`/`tokenizer` reuse an already built model (several autocast settings in one run).
+    `groups`: the paper layout's most layer groups; each count is its own capture, timed in the
+    same interleaved rounds, and reported in `layouts` (the top-level figures are the first's)."""
     if model is None:
         model, tokenizer = build_model(size, arch=arch, device=device, dtype=dtype, act=act, model_dir=model_dir)
     tracked = tracked_matrices(model)
-    blocks = make_layout(tracked, kind="paper", dim=proj_dim)
-    capture = FactoredCapture(model, tracked, blocks, identity(tracked), seed=0, device=device, autocast=autocast)
+    layouts = {n: make_layout(tracked, kind="paper", dim=proj_dim, max_groups=n) for n in dict.fromkeys(groups)}
+    captures = {n: FactoredCapture(model, tracked, blocks, identity(tracked), seed=0, device=device, autocast=autocast)
+                for n, blocks in layouts.items()}
+    first = next(iter(layouts))
+    blocks, capture = layouts[first], captures[first]
     if corpus is not None:
         if tokenizer is None:
             raise SystemExit("--corpus needs --model (a tokenizer)")
@@ -195,7 +208,8 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
         pad = 0
     batches = [collate(g, pad).to(device) for g in bucketed(examples, batch_tokens)]
     training_pass(model, batches[:2], device, autocast)  # warm up both paths
-    indexing_pass(capture, batches[:2], device)
+    for c in captures.values():
+        indexing_pass(c, batches[:2], device)
     if profile:
         _profile(model, capture, batches[0], device, autocast, profile)
     # Interleaved per batch (train step, index step, order swapped every round) and each batch's
@@ -206,7 +220,7 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
             return training_pass(model, [b], device, autocast)
 
     run = {"train": lambda b: training_pass(model, [b], device, autocast),
-           "index": lambda b: indexing_pass(capture, [b], device)}
+           **{_index_key(n, first): (lambda b, c=c: indexing_pass(c, [b], device)) for n, c in captures.items()}}
     with fused_activations(model) as n_swapped:
         pass
     if n_swapped:  # otherwise both training passes are the same: don't run it twice
@@ -230,6 +244,11 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
     median = {n: sum(sorted(ts)[len(ts) // 2] for ts in times[n]) for n in times}
     train_tps, index_tps = tokens / best["train"], tokens / best["index"]
     cov = coverage(model, tracked)
+    per_layout = [{"groups": n, "blocks": len(layouts[n]), "dim": captures[n].dim, "k": sorted({b.k for b in layouts[n]}),
+                   "index_tok_s": round(tokens / best[_index_key(n, first)]),
+                   "ratio": round(best["train"] / best[_index_key(n, first)], 3),
+                   "ratio_median": round(median["train"] / median[_index_key(n, first)], 3),
+                   "ratio_cpu": round(cpu["train"] / cpu[_index_key(n, first)], 3)} for n in layouts]
     return {
         "model": Path(model_dir).name if model_dir else size,
         "params": cov["n_params"],
@@ -251,7 +270,13 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
         "peak_rss_mb": round(_peak_rss_mb()),
         "train_rss_mb": round(rss["train"]),
         "index_rss_mb": round(rss["index"]),
+        "layouts": per_layout,
     }
+
+
+def _index_key(groups: int, first: int) -> str:
+    """The timing key of the capture with `groups` layer groups ("index" for the first)."""
+    return "index" if groups == first else f"index@{groups}"
 
 
 def _peak_rss_mb() -> float:
@@ -391,6 +416,9 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=32, help="shortest synthetic document (tokens)")
     ap.add_argument("--max-len", type=int, default=256, help="longest synthetic document (tokens); --corpus: truncation")
     ap.add_argument("--proj-dim", type=int, default=DEFAULT_DIM)
+    ap.add_argument("--groups", default=str(PAPER_GROUPS),
+                    help="comma list: the paper layout's most layer groups, each its own capture in the same rounds "
+                         "(default %(default)s)")
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=2)
@@ -408,6 +436,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 projections of a bf16 model
     dtype = getattr(torch, args.dtype)
+    groups = tuple(int(g) for g in args.groups.split(","))
     settings = [None if a in ("none", "off", "") else getattr(torch, a) for a in (args.autocast or "none").split(",")]
     if args.model:
         sizes, label = [Path(args.model).name], f"model {args.model}"
@@ -426,12 +455,17 @@ def main() -> None:
             r = throughput(size, args.proj_dim, args.docs, args.batch_tokens, args.rounds, arch=args.arch,
                            device=args.device, dtype=dtype, autocast=autocast, act=args.act, max_len=args.max_len,
                            min_len=args.min_len, model_dir=args.model, corpus=args.corpus, model=model,
-                           tokenizer=tokenizer, profile=args.profile)
+                           tokenizer=tokenizer, profile=args.profile, groups=groups)
             ac = "bf16" if autocast is torch.bfloat16 else ("off" if autocast is None else str(autocast))
             print(f"{r['model']:>8} {ac:>8} {r['params']:>13,} {r['coverage']:>6.1%} {r['dim']:>6} {str(r['k']):>8} {r['tokens']:>7,} "
                   f"{r['train_tok_s']:>11,} {r['index_tok_s']:>11,} {r['ratio']:>5.2f}x {r['ratio_median']:>6.2f}x "
                   f"{r['ratio_cpu']:>5.2f}x {r['ratio_vs_fused']:>7.2f}x {r['thread_share']:>7.0%} "
                   f"{r['load_before'][0]:>5.1f}->{r['load_after'][0]:<5.1f} {r['train_rss_mb']:>8,}/{r['index_rss_mb']:<8,}", flush=True)
+            if len(r["layouts"]) > 1:
+                for lay in r["layouts"]:
+                    print(f"{'':>8} {ac:>8}   at most {lay['groups']:>3} layer groups: {lay['blocks']:>3} blocks, dim {lay['dim']:>6}, "
+                          f"k {str(lay['k']):>8}, index tok/s {lay['index_tok_s']:>7,}, ratio {lay['ratio']:.2f}x, "
+                          f"median {lay['ratio_median']:.2f}x, cpu-s {lay['ratio_cpu']:.2f}x", flush=True)
         del model
     if args.no_memory or args.device != "cpu":
         return

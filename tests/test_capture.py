@@ -319,6 +319,23 @@ def test_throughput_bench_llama_path_runs():
         assert (r["docs"], r["tokens"]) == (4, sum(len(e.ids) for e in docs))
         assert 900 <= r["dim"] <= 1024 and r["coverage"] > 0.95, r  # the paper layout fills most of the budget
         assert r["train_tok_s"] > 0 and r["index_tok_s"] > 0  # speeds depend on the machine: only that both ran
+    # several caps on the layer groups: one capture each, timed in the same rounds
+    r = bench.throughput("tiny", 1024, 4, 512, 1, arch="llama", device="cpu", max_len=48, groups=(8, 1))
+    assert [(lay["groups"], lay["blocks"]) for lay in r["layouts"]] == [(8, 5), (1, 3)]
+    assert r["layouts"][0]["index_tok_s"] == r["index_tok_s"] and r["layouts"][1]["index_tok_s"] > 0
+
+
+def test_paper_layout_caps_the_layer_groups():
+    """At most `max_groups` contiguous layer groups, each split into attention and MLP; the default
+    cap (8) leaves a model of 8 layers or fewer with one group per layer."""
+    tracked = tracked_matrices(llama())  # 2 layers
+    default = make_layout(tracked, dim=4096)
+    assert [b.name for b in default] == ["embed", "layer0.attn", "layer0.mlp", "layer1.attn", "layer1.mlp"]
+    assert [b.to_json() for b in make_layout(tracked, dim=4096, max_groups=2)] == [b.to_json() for b in default]
+    one = make_layout(tracked, dim=4096, max_groups=1)
+    assert [b.name for b in one] == ["embed", "layers0-1.attn", "layers0-1.mlp"]
+    assert sorted(p for b in one for p in b.params) == sorted(t.name for t in tracked)  # every matrix, once
+    assert one[1].k > default[1].k  # fewer blocks, a larger k for the same dimension
 
 
 def test_fused_activations_swap_and_restore():

@@ -41,7 +41,11 @@ class Block:
         return Block(d["name"], int(d["k"]), list(d["params"]), int(d["offset"]))
 
 
-def _paper_groups(tracked: list[Tracked], max_groups: int = 8) -> list[tuple[str, list[Tracked]]]:
+#: The most contiguous layer groups of the paper layout (each split into attention and MLP blocks).
+PAPER_GROUPS = 8
+
+
+def _paper_groups(tracked: list[Tracked], max_groups: int = PAPER_GROUPS) -> list[tuple[str, list[Tracked]]]:
     """Paper layout: embeddings/head, then contiguous layer groups × {attention, MLP}."""
     layers = sorted({t.layer for t in tracked if t.layer is not None and t.group in ("attn", "mlp", "other")})
     n_groups = max(1, min(max_groups, len(layers)))
@@ -60,14 +64,16 @@ def _paper_groups(tracked: list[Tracked], max_groups: int = 8) -> list[tuple[str
     return list(buckets.items())
 
 
-def make_layout(tracked: list[Tracked], *, kind: str = "paper", dim: int = DEFAULT_DIM) -> list[Block]:
+def make_layout(tracked: list[Tracked], *, kind: str = "paper", dim: int = DEFAULT_DIM,
+                max_groups: int = PAPER_GROUPS) -> list[Block]:
     """Blocks whose k is chosen so that Σ k² ≈ `dim`, never above the block's own smaller side.
 
     A k larger than min(Σa, Σb) would only add redundant coordinates, so small models get fewer
-    dimensions than asked (recorded in the manifest).
+    dimensions than asked (recorded in the manifest). `max_groups` caps the paper layout's layer
+    groups.
     """
     if kind == "paper":
-        groups = _paper_groups(tracked)
+        groups = _paper_groups(tracked, max_groups)
     elif kind == "module":
         groups = [(t.name, [t]) for t in tracked]
     else:
