@@ -257,7 +257,7 @@ def chol_whitener(r: torch.Tensor, damping: float) -> torch.Tensor:
     if bool((info != 0).any()):
         raise ValueError("R is not positive definite after damping (a NaN or inf in its statistics?)")
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    return torch.linalg.solve_triangular(low, eye, upper=False).transpose(-2, -1).float()
+    return torch.linalg.solve_triangular(low, eye, upper=False).transpose(-2, -1).float().contiguous()
 
 
 #: float64 bytes one batched eigendecomposition may hold on the device (input, eigenvectors, result).
