@@ -2,6 +2,8 @@
 
     python bench/search.py                      # synthetic: ~1.5 GB index per dtype + compressed table
     python bench/search.py --index DIR --queries Q.jsonl   # compressed table on a real index
+    python bench/search.py --pq-scan --skip-scan --skip-compressed   # PQ forms' scan cost per row at 2^16 dims
+    python bench/search.py --pq-real-docs 6064 --skip-scan --skip-compressed   # binary PQ recall on real 2^16 vectors
 
 Prints ratios (scan GB/s ÷ memory bandwidth measured in the same run; latency ÷ exact latency),
 not bare wall times: the machine is shared and absolute times move with its load.
@@ -10,6 +12,7 @@ not bare wall times: the machine is shared and absolute times move with its load
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -212,6 +215,152 @@ def compressed_table(store: IndexStore, q: np.ndarray, args, label: str, relevan
                   f"{ov(r.opp_rows, ex.opp_rows):.3f} | {dmrr} | {t / exact_t:.2f} | {build:.1f} |", flush=True)
 
 
+# --- PQ at high dimension: scan cost per row, and recall on real vectors --------------------------
+
+
+def _faiss_timing_index(faiss, d: int, m: int, nbits: int, n: int, fastscan: bool):
+    """A FAISS PQ index of `n` random codes under random codebooks: a scan's time does not depend
+    on what the codes mean, and training a real one at 2^16 dims takes minutes."""
+    rng = np.random.default_rng(0)
+    index = faiss.IndexPQ(d, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(rng.standard_normal(m * (1 << nbits) * (d // m), dtype=np.float32), index.pq.centroids)
+    index.is_trained = True
+    index.add_sa_codes(rng.integers(0, 256, (n, index.sa_code_size()), dtype=np.uint8))
+    return faiss.IndexPQFastScan(index) if fastscan else index
+
+
+def pq_scan_table(args, tmp: Path) -> None:
+    """Per row and query, side by side: the exact fp16 scan, the binary PQ scan (alone and with its
+    re-rank), FAISS 8-bit PQ (m = D/16, the FAISS default at 2^16) and FAISS 4-bit fast scan
+    (m = D/8), on random unit rows; each FAISS form searched for q and −q, as the others rank both
+    sides. Also the binary form's encode time and bytes per row."""
+    import faiss
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    d, n, n_q = args.pq_dim, args.pq_rows, args.n_queries
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((n_q, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    store = write_index(tmp / "pqscan", random_unit_blocks(n, d, 1024), "float16", shard_docs=4096)
+    entry = compress(store.path, "pq", pq_form="binary", verify=False)
+    store = IndexStore(store.path)
+    pq8 = _faiss_timing_index(faiss, d, d // 16, 8, n, fastscan=False)
+    fs4 = _faiss_timing_index(faiss, d, d // 8, 4, n, fastscan=True)
+    depth = entry["rerank"]
+    fns = {
+        "exact fp16 scan": lambda: topk(store, q, 10, verify=False),
+        "binary: scan only": lambda: search_compressed(store, q, 10, rerank=0, verify=False),
+        f"binary: scan + re-rank {depth}": lambda: search_compressed(store, q, 10, verify=False),
+        f"FAISS 8-bit PQ m={d // 16}": lambda: (pq8.search(q, depth), pq8.search(-q, depth)),
+        f"FAISS 4-bit fast scan m={d // 8}": lambda: (fs4.search(q, depth), fs4.search(-q, depth)),
+    }
+    best = best_times(fns, args.repeats)
+    per = {name: t / n / n_q * 1e6 for name, t in best.items()}  # µs per row and query
+    rerank_s = (best[f"binary: scan + re-rank {depth}"] - best["binary: scan only"]) / n_q
+    print(f"\n## PQ scan at D={d}: {n} random unit rows (fp16), {n_q} queries, threads={torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("Run round-robin, best of each. 'at 1M rows' = µs per row and query × 10^6 (an in-memory scan; "
+          "the exact one would stream 2·D bytes per row from disk there).")
+    print("| form | bytes/row | µs per row and query | ÷ exact | s per query at 1M rows |")
+    print("|---|---:|---:|---:|---:|")
+    size = {"exact fp16 scan": 2 * d, "binary": entry["bytes_per_doc"], "FAISS 8-bit": d // 16, "FAISS 4-bit": d // 16}
+    for name, us in per.items():
+        b = next(v for k, v in size.items() if name.startswith(k))
+        print(f"| {name} | {b:,} | {us:.3f} | {us / per['exact fp16 scan']:.3f} | {us:.2f} |")
+    print(f"binary re-rank of {depth} + {depth} candidates: {rerank_s * 1e3:.1f} ms per query (from memory; it "
+          f"does not grow with the rows); binary encode: {entry['encode_seconds'] / n * 1e3:.3f} ms per row, "
+          "nothing trained", flush=True)
+
+
+def _wide_model(path: Path) -> None:
+    """A 2-layer GPT-2 of width 192 with random weights and bench/scale.py's word-level tokenizer:
+    wide enough that a 2^16 projection gets 64,980 dims (the tests' width-32 model gets 38,280)."""
+    from scale import VOCAB
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB)}}
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=192, n_layer=2, n_head=2,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+
+
+def real_vectors(args, tmp: Path) -> np.ndarray:
+    """float32 rows of a real 2^16 index: `--pq-real-index`, or one built here from `--pq-real-docs`
+    random-word documents (bench/scale.py's corpus) through `_wide_model`."""
+    from tracestar.index.store import as_float32
+
+    path = args.pq_real_index
+    if path is None:
+        from scale import write_corpus
+
+        from tracestar.build import build_index
+
+        _wide_model(tmp / "model")
+        write_corpus(tmp / "corpus.jsonl", args.pq_real_docs, seed=3)
+        t = time.perf_counter()
+        build_index(tmp / "model", tmp / "corpus.jsonl", tmp / "real", proj_dim=1 << 16, preconditioner="train",
+                    shard_docs=2048, quiet=True)
+        print(f"built {args.pq_real_docs} documents at 2^16 in {time.perf_counter() - t:.0f} s", flush=True)
+        path = tmp / "real"
+    store = IndexStore(path)
+    return np.concatenate([as_float32(store.load_shard("vectors", s, verify=False), store.stored_dtype("vectors"))
+                           for s in range(len(store.shards))])
+
+
+def pq_real_table(args, tmp: Path) -> None:
+    """Binary PQ on real whitened vectors: the last `--n-queries` rows are the queries (held out),
+    the rest the index; also queries made of a stored row plus noise of its norm (that row must come
+    first). Top-10 overlap with the exact search after re-ranking 100–800 candidates, and where the
+    exact top 10 sit among the estimates."""
+    allx = real_vectors(args, tmp)
+    n_q = args.n_queries
+    x, held = allx[:-n_q], allx[-n_q:]
+    rng = np.random.default_rng(0)
+    src = rng.choice(len(x), n_q, replace=False)
+    noisy = x[src] + rng.standard_normal(held.shape, dtype=np.float32) / np.float32(np.sqrt(x.shape[1]))
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    store = write_index(tmp / "db", x, "float16", shard_docs=4096)
+    t = time.perf_counter()
+    entry = compress(store.path, "pq", verify=False)
+    build = time.perf_counter() - t
+    store = IndexStore(store.path)
+    scores = x.astype(np.float16).astype(np.float32)
+    print(f"\n## binary PQ on real vectors: {len(x)} rows × D={x.shape[1]}, {n_q} queries, form {entry['form']}, "
+          f"{entry['bytes_per_doc']} bytes/row ({entry['bytes_per_doc'] / (2 * x.shape[1]):.4f} of fp16), "
+          f"build {build / len(x) * 1e3:.3f} ms/row, load average {os.getloadavg()[0]:.1f}")
+    print("| queries | re-rank depth | top-10 overlap (prop) | (opp) | source row in top 10 |")
+    print("|---|---:|---:|---:|---:|")
+    for name, q in (("held-out rows", held), ("row + noise", noisy)):
+        ex = topk(store, q, 10, verify=False)
+        for depth in (100, 200, 400, 800):
+            r = search_compressed(store, q, 10, rerank=depth, verify=False)
+            src_hit = f"{np.mean([s in row for s, row in zip(src, r.prop_rows)]):.3f}" if name == "row + noise" else "–"
+            print(f"| {name} | {depth} | {_overlap(r.prop_rows, ex.prop_rows):.3f} | {_overlap(r.opp_rows, ex.opp_rows):.3f} "
+                  f"| {src_hit} |", flush=True)
+        est = search_compressed(store, q, len(x), rerank=0, verify=False)  # every row, by estimate
+        rank = np.argsort(est.prop_rows, axis=1)  # rank[i, row]: the row's place among the estimates
+        r10 = np.take_along_axis(rank, ex.prop_rows, 1)
+        print(f"{name}: the exact top 10 among the estimates: median place {np.median(r10):.0f}, 90% {np.quantile(r10, 0.9):.0f}, "
+              f"last {r10.max()} of {len(x)}; estimate–exact correlation "
+              f"{np.corrcoef((q @ scores.T).ravel(), _estimates(est, len(x)).ravel())[0, 1]:.3f}", flush=True)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(r) & set(s)) / len(s) for r, s in zip(a, b)]))
+
+
+def _estimates(res, n: int) -> np.ndarray:
+    """[Q, n] the estimates of a rerank=0 search over every row, back in row order."""
+    out = np.empty(res.prop_rows.shape, dtype=np.float32)
+    np.put_along_axis(out, res.prop_rows, res.prop_scores, axis=1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=16384)
@@ -229,6 +378,11 @@ def main() -> None:
     ap.add_argument("--skip-compressed", action="store_true")
     ap.add_argument("--index", help="a real index directory (compressed table only; it is modified: compressed/ added)")
     ap.add_argument("--queries", help="query JSONL for --index")
+    ap.add_argument("--pq-scan", action="store_true", help="PQ forms' scan cost per row at --pq-dim")
+    ap.add_argument("--pq-dim", type=int, default=1 << 16)
+    ap.add_argument("--pq-rows", type=int, default=4096)
+    ap.add_argument("--pq-real-docs", type=int, default=0, help="build a real 2^16 index of this many documents")
+    ap.add_argument("--pq-real-index", default=None, help="an existing real index instead of --pq-real-docs")
     ap.add_argument("--tmp", default=None)
     args = ap.parse_args()
     args.chunks = [c or None for c in args.chunks]
@@ -251,6 +405,10 @@ def main() -> None:
             compressed_table(IndexStore(args.index), q, args, f"index {args.index}",
                              relevant if any(relevant) else None)
             return
+        if args.pq_scan:
+            pq_scan_table(args, tmp)
+        if args.pq_real_docs or args.pq_real_index:
+            pq_real_table(args, tmp)
         if not args.skip_scan:
             scan_table(args, bw, tmp)
         if args.skip_compressed:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,10 @@ class _Unpacker:
     def __call__(self, codes: np.ndarray) -> torch.Tensor:
         """codes uint8 [n ≤ self.rows, n_bytes] → int8 [n, 8·n_bytes] of ±1 (a view of the buffer)."""
         k = codes.shape[0] * self.n_bytes
-        self.idx[:k].copy_(torch.from_numpy(np.ascontiguousarray(codes)).reshape(-1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only mmap, only read from
+            src = torch.from_numpy(np.ascontiguousarray(codes))
+        self.idx[:k].copy_(src.reshape(-1))
         torch.index_select(_BYTE_SIGNS, 0, self.idx[:k], out=self.out[:k])
         return self.out[:k].view(torch.int8).view(codes.shape[0], 8 * self.n_bytes)
 

@@ -85,7 +85,11 @@ def search_compressed(
 
     if rerank and store.has_kind("vectors"):
         both = np.concatenate([p_rows, o_rows], axis=1)
-        ex = exact_scores(store, q, both, verify=verify)
+        # a unit-norm index (the builder normalises) bounds ‖x‖ as the exact scan does, which spares
+        # the re-score a pass over the gathered rows for their norms (at 2^16 dims, 800 candidates:
+        # ~0.25 s of float16 → float64 per query here)
+        x_norm = 1.01 if store.manifest.get("unit_norm", True) else None
+        ex = exact_scores(store, q, both, verify=verify, x_norm=x_norm)
         p_sc, o_sc = ex[:, : p_rows.shape[1]], ex[:, p_rows.shape[1] :]
         o_sc = np.where(o_rows >= 0, o_sc, np.inf)
     else:
