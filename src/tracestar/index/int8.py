@@ -164,9 +164,15 @@ def int8_candidates(
     first, filled = 0, 0
 
     def merge() -> None:
-        s = buf[:filled].T  # [Q, filled]
-        merge_above_threshold(props, s, first)
-        merge_above_threshold(opps, -s, first)
+        block = buf[:filled]  # [filled, Q]
+        # a row enters a list only if some query's score beats that query's threshold, so a row
+        # whose best score is below every threshold is left out before the per-query compare (one
+        # reduction along the contiguous query axis, instead of a compare of every [Q, C] pair)
+        for lst, best, sign in ((props, block.amax(dim=1), 1.0), (opps, block.amin(dim=1), -1.0)):
+            cols = torch.nonzero(best * sign > lst.threshold().min()).squeeze(1)  # [c] ascending
+            if cols.numel():
+                sub = block.index_select(0, cols).T.contiguous()  # [Q, c]
+                merge_above_threshold(lst, sub if sign > 0 else -sub, 0, rows=cols + first)
 
     for shard_no, info in enumerate(entry["shards"]):
         codes, scales = _load_int8(store, shard_no, entry, verify)

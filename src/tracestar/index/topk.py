@@ -71,12 +71,13 @@ class RunningTopK:
         self.vals, self.rows = torch.gather(all_vals, 1, o), torch.gather(all_rows, 1, o)
 
 
-def merge_above_threshold(lst: RunningTopK, sc: torch.Tensor, first_row: int) -> None:
+def merge_above_threshold(lst: RunningTopK, sc: torch.Tensor, first_row: int, rows: torch.Tensor | None = None) -> None:
     """Merge a chunk's scores [Q, C] into a running list, looking only at columns that can enter.
 
     A row whose score is ≤ every query's current m-th best cannot change any list, so only the
     columns where some query beats its threshold are selected and ranked (after the first chunks
     that is a few per thousand): a compare over the chunk instead of a top-k over it.
+    rows: [C] ascending global rows of the columns, when they are not first_row, first_row + 1, …
     """
     cols = torch.nonzero((sc > lst.threshold().unsqueeze(1)).any(dim=0)).squeeze(1)  # [c]
     if cols.numel() == 0:
@@ -85,7 +86,7 @@ def merge_above_threshold(lst: RunningTopK, sc: torch.Tensor, first_row: int) ->
     v, i = torch.topk(sub, min(lst.k, cols.numel()), dim=1)  # [Q, ≤m]
     if lst.ties is not None and cols.numel() > lst.k:
         _mend_split_ties(sub, v, i, lst.ties)
-    lst.merge(v, cols[i] + first_row)
+    lst.merge(v, cols[i] + first_row if rows is None else rows[cols[i]])
 
 
 def _mend_split_ties(sub: torch.Tensor, v: torch.Tensor, i: torch.Tensor, ties: str) -> None:
