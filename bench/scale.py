@@ -1,7 +1,8 @@
 """Scale: a large synthetic corpus through a tiny model, then the index's size and query latency.
 
-    python bench/scale.py --docs 1000000                 # the issue's size (~50 min of build on two shared cores)
-    python bench/scale.py --docs 400000 --pq-rows 0 --keep IDX --out scale.json   # ~25 min here
+    python bench/scale.py --docs 1000000 --pq-rows 0 --keep IDX --out scale.json  # the issue's size: ~30 min here
+    python bench/scale.py --measure-only IDX --forms ""  # the queries again on a kept index (no build, no compress)
+    python bench/scale.py --extrapolate scale.json --keep IDX   # an earlier run's figures carried to 2^16 again
     python bench/scale.py --pq-only --pq-rows 4096       # only PQ at 2^16 dims on a synthetic index
     python bench/scale.py --probe-only scale.json --docs 1000 --pq-rows 0       # the 2^16 build estimate
 
@@ -11,7 +12,9 @@ Steps, each printed as it ends:
    tiny GPT-2 (2 layers, width 32, random weights, saved with a word-level tokenizer).
 2. Tokenizer alone over the first documents: the floor any build is compared to.
 3. `build_index` in a child process at `--proj-dim` (default 2^10): docs/s, tokens/s, the ratio
-   to the tokenizer's docs/s, and the child's peak RSS (`resource.getrusage(RUSAGE_CHILDREN)`).
+   to the tokenizer's docs/s, and the child's peak RSS (`resource.getrusage(RUSAGE_CHILDREN)`);
+   the load average during the build, and the corpus pass by quarter of the corpus in docs/s and
+   in docs per CPU second of the build process (the second does not move with the machine's load).
    Two further small builds (`--probe-docs`, at `--proj-dim` and at 2^16) measure how the build
    rate changes with the dimension, for the extrapolation.
 4. Index bytes per directory (raw/, vectors/, compressed/).
@@ -362,6 +365,17 @@ def extrapolate(n_docs: int, dim: int, built: dict, sizes: dict, lat: dict, prob
     return out
 
 
+def print_extrapolation(report: dict) -> dict:
+    """The extrapolation of a report with a large build (`extrapolate`), printed."""
+    ext = extrapolate(report["docs"], report["dim"], report["build"], report["bytes"], report["latency"],
+                      report["probe"], report.get("pq_2^16"))
+    print(f"extrapolated from {report['docs']} docs at {report['dim']} dims to 1M docs at 2^16 dims: "
+          + ", ".join(f"{k} {v:.3g}" if not isinstance(v, dict) else
+                      f"{k} " + " ".join(f"{kk} {vv / 1e9:.0f} GB" for kk, vv in v.items()) for k, v in ext.items()),
+          flush=True)
+    return ext
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=1_000_000)
@@ -377,6 +391,9 @@ def main() -> None:
     ap.add_argument("--measure-only", type=Path, metavar="INDEX",
                     help="no build: compress a kept index again (the forms in --forms) and measure its queries")
     ap.add_argument("--forms", default="int8,pq", help="with --measure-only: the forms to (re)compress first")
+    ap.add_argument("--extrapolate", type=Path, metavar="OUT.json",
+                    help="only the extrapolation of an earlier --out (its index's dimension from --keep if the "
+                         "report has none)")
     ap.add_argument("--build-child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.build_child:
@@ -384,6 +401,12 @@ def main() -> None:
         return
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {os.getloadavg()[0]:.1f}", flush=True)
     report: dict = {"docs": a.docs, "proj_dim": a.proj_dim}
+    if a.extrapolate:
+        old = json.loads(a.extrapolate.read_text())
+        if "dim" not in old:
+            old["dim"] = json.loads((a.keep / "manifest.json").read_text())["dim"]
+        _dump(a.out, {**old, "extrapolated": print_extrapolation(old)})
+        return
     if a.measure_only:
         n_docs = json.loads((a.measure_only / "manifest.json").read_text())["n_docs"]
         kinds = tuple(k for k in a.forms.split(",") if k)
@@ -442,10 +465,9 @@ def main() -> None:
         report.update({"tokenizer": tok, "tokenizer_after_build": tok_after, "probe": probe, "build": built})
         _dump(a.out, report)  # a failure below keeps the build's figures
         measured = measure(index, a.docs, a.queries)
-        ext = extrapolate(a.docs, a.proj_dim, built, measured["bytes"], measured["latency"], probe, report.get("pq_2^16"))
-        print("extrapolated to 1M docs at 2^16 dims: " + ", ".join(f"{k} {v:.3g}" if not isinstance(v, dict) else
-              f"{k} " + " ".join(f"{kk} {vv / 1e9:.0f} GB" for kk, vv in v.items()) for k, v in ext.items()), flush=True)
-        report.update({**measured, "extrapolated": ext})
+        report["dim"] = json.loads((index / "manifest.json").read_text())["dim"]  # Σ k², near --proj-dim
+        report.update(measured)
+        report["extrapolated"] = print_extrapolation(report)
     _dump(a.out, report)
 
 
