@@ -412,6 +412,7 @@ def _compress_binary(store: IndexStore, *, verify: bool) -> dict:
         "nbits": 1,
         "rerank": BINARY_RERANK,
         "train_rows": 0,
+        "train_seconds": 0.0,  # nothing to train
         "encode_seconds": round(time.perf_counter() - t0, 3),
         "bytes_per_doc": n_bytes + 4,
         "code_bytes_per_doc": n_bytes,
