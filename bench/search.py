@@ -290,7 +290,7 @@ def _wide_model(path: Path) -> None:
 
 
 def real_vectors(args, tmp: Path) -> np.ndarray:
-    """float32 rows of a real 2^16 index: `--pq-real-index`, or one built here from `--pq-real-docs`
+    """float16 rows of a real 2^16 index: `--pq-real-index`, or one built here from `--pq-real-docs`
     random-word documents (bench/scale.py's corpus) through `_wide_model`."""
     from tracestar.index.store import as_float32
 
@@ -308,8 +308,15 @@ def real_vectors(args, tmp: Path) -> np.ndarray:
         print(f"built {args.pq_real_docs} documents at 2^16 in {time.perf_counter() - t:.0f} s", flush=True)
         path = tmp / "real"
     store = IndexStore(path)
-    return np.concatenate([as_float32(store.load_shard("vectors", s, verify=False), store.stored_dtype("vectors"))
+    stored = store.stored_dtype("vectors")
+    return np.concatenate([as_float32(store.load_shard("vectors", s, verify=False), stored).astype(np.float16)
                            for s in range(len(store.shards))])
+
+
+def _dots(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[Q, n] float32 q·xᵀ for float16 rows x, a block of rows at a time (float32 matmuls)."""
+    qt = torch.from_numpy(q)
+    return torch.cat([qt @ torch.from_numpy(x[lo : lo + 2048]).float().T for lo in range(0, len(x), 2048)], dim=1).numpy()
 
 
 def pq_real_table(args, tmp: Path) -> None:
@@ -319,17 +326,16 @@ def pq_real_table(args, tmp: Path) -> None:
     exact top 10 sit among the estimates."""
     allx = real_vectors(args, tmp)
     n_q = args.n_queries
-    x, held = allx[:-n_q], allx[-n_q:]
+    x, held = allx[:-n_q], allx[-n_q:].astype(np.float32)
     rng = np.random.default_rng(0)
     src = rng.choice(len(x), n_q, replace=False)
-    noisy = x[src] + rng.standard_normal(held.shape, dtype=np.float32) / np.float32(np.sqrt(x.shape[1]))
+    noisy = x[src].astype(np.float32) + rng.standard_normal(held.shape, dtype=np.float32) / np.float32(np.sqrt(x.shape[1]))
     noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
     store = write_index(tmp / "db", x, "float16", shard_docs=4096)
     t = time.perf_counter()
     entry = compress(store.path, "pq", verify=False)
     build = time.perf_counter() - t
     store = IndexStore(store.path)
-    scores = x.astype(np.float16).astype(np.float32)
     print(f"\n## binary PQ on real vectors: {len(x)} rows × D={x.shape[1]}, {n_q} queries, form {entry['form']}, "
           f"{entry['bytes_per_doc']} bytes/row ({entry['bytes_per_doc'] / (2 * x.shape[1]):.4f} of fp16), "
           f"build {build / len(x) * 1e3:.3f} ms/row, load average {os.getloadavg()[0]:.1f}")
@@ -347,7 +353,39 @@ def pq_real_table(args, tmp: Path) -> None:
         r10 = np.take_along_axis(rank, ex.prop_rows, 1)
         print(f"{name}: the exact top 10 among the estimates: median place {np.median(r10):.0f}, 90% {np.quantile(r10, 0.9):.0f}, "
               f"last {r10.max()} of {len(x)}; estimate–exact correlation "
-              f"{np.corrcoef((q @ scores.T).ravel(), _estimates(est, len(x)).ravel())[0, 1]:.3f}", flush=True)
+              f"{np.corrcoef(_dots(q, x).ravel(), _estimates(est, len(x)).ravel())[0, 1]:.3f}", flush=True)
+    if args.pq_real_faiss:
+        faiss_4bit_rows(x, held, noisy, src, store)
+
+
+def faiss_4bit_rows(x: np.ndarray, held: np.ndarray, noisy: np.ndarray, src: np.ndarray, store: IndexStore) -> None:
+    """FAISS 4-bit PQ on the same rows, ≈8 dims per sub-quantizer, codebooks trained here (torch
+    k-means, 4,096 rows): the same codes searched with float tables (`IndexPQ`) and with the fast
+    scan's 8-bit tables summed in 16 bits (`IndexPQFastScan`), 400 candidates re-ranked exactly."""
+    import faiss
+
+    from tracestar.index.compress import train_pq_codebooks
+
+    d = x.shape[1]
+    m = max(k for k in range(1, d // 8 + 1) if d % k == 0)
+    sample = x[np.sort(np.random.default_rng(1).choice(len(x), min(len(x), 4096), replace=False))].astype(np.float32)
+    flat = faiss.IndexPQ(d, m, 4, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(np.ascontiguousarray(train_pq_codebooks(sample, m, 4, niter=10).ravel()), flat.pq.centroids)
+    flat.is_trained = True
+    for lo in range(0, len(x), 2048):
+        flat.add(x[lo : lo + 2048].astype(np.float32))
+    fast = faiss.IndexPQFastScan(flat)
+    print(f"FAISS 4-bit PQ, m={m} ({d // m} dims each), {m // 2} bytes/row, 400 candidates re-ranked exactly:")
+    print("| queries | tables | top-10 overlap (prop) | source row in top 10 |")
+    print("|---|---|---:|---:|")
+    for name, q in (("held-out rows", held), ("row + noise", noisy)):
+        ex = topk(store, q, 10, verify=False)
+        exact = _dots(q, x)
+        for label, index in (("float (IndexPQ)", flat), ("fast scan (IndexPQFastScan)", fast)):
+            _, cand = index.search(q, 400)
+            top = np.take_along_axis(cand, np.argsort(-np.take_along_axis(exact, cand, 1), axis=1), 1)[:, :10]
+            hit = f"{np.mean([s in row for s, row in zip(src, top)]):.3f}" if name == "row + noise" else "–"
+            print(f"| {name} | {label} | {_overlap(top, ex.prop_rows):.3f} | {hit} |", flush=True)
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -383,6 +421,7 @@ def main() -> None:
     ap.add_argument("--pq-rows", type=int, default=4096)
     ap.add_argument("--pq-real-docs", type=int, default=0, help="build a real 2^16 index of this many documents")
     ap.add_argument("--pq-real-index", default=None, help="an existing real index instead of --pq-real-docs")
+    ap.add_argument("--pq-real-faiss", action="store_true", help="also FAISS 4-bit PQ (float and fast-scan tables)")
     ap.add_argument("--tmp", default=None)
     args = ap.parse_args()
     args.chunks = [c or None for c in args.chunks]
