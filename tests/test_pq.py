@@ -306,3 +306,32 @@ def test_binary_scan_ranks_the_source_row_first_on_isotropic_vectors(tmp_path):
     np.testing.assert_array_equal(raw.prop_rows[:, 0], src)
     rr = search(IndexStore(store.path), q, 10)
     assert overlap(rr.prop_rows, ex.prop_rows) >= 0.95
+
+
+def test_screened_rerank_equals_the_full_rerank(tmp_path, monkeypatch):
+    """The PQ re-rank re-scores exactly only the candidates whose error interval reaches the k-th
+    (here well under a quarter of them), and returns what re-scoring every candidate returns: the
+    same rows in the same order, ties between duplicate documents included, with the same scores."""
+    from tracestar.index import search as srch
+
+    x, q = clustered(900, 1003, 6, seed=4, clusters=8, noise=0.5)
+    x[300:330] = x[5]  # 31 copies of row 5, the best of the queries made from it
+    q[0] = x[5]
+    store = write_index(tmp_path / "idx", x, "float16", shard_docs=400)
+    compress(store.path, "pq", pq_form="binary")
+    store = IndexStore(store.path)
+    asked, exact_scores = [], srch.exact_scores
+
+    def counting(store, q, rows, **kw):
+        asked.append((int((rows >= 0).sum()), rows.size))
+        return exact_scores(store, q, rows, **kw)
+
+    monkeypatch.setattr(srch, "exact_scores", counting)
+    screened = search_compressed(store, q, 10, rerank=400)
+    monkeypatch.setattr(srch, "_screened", lambda store, q, p, o, k, verify: (p, o))
+    full = search_compressed(store, q, 10, rerank=400)
+    (n_screened, n_cand), (n_full, _) = asked
+    assert n_full == n_cand == 6 * 800 and n_screened < n_cand / 4
+    for a, b in zip(screened.__dict__.values(), full.__dict__.values()):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(screened.prop_rows[0].tolist()) == [5] + list(range(300, 309))  # the first 10 copies, by row
