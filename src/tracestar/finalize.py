@@ -115,6 +115,7 @@ def _fit_preconditioner(out: Path, base: dict, layout: ShardLayout, opts: BuildO
             precond = fit(kind, stats.get("train"), stats.get("eval"), lam=opts.lam, damping=opts.damping,
                           dim=base["dim"], factor=opts.r_factor, progress=loop_bars(opts.quiet), device=opts.device)
         stats.clear()  # the sums are not stored (refit recomputes them from the raw shards)
+        _return_freed_memory()
         if kind == "mixed":
             precond.info["eval_queries"] = str(Path(opts.eval_queries).resolve())
         precond.info["fit_docs"] = int(precond.info.get("train_count", 0))
@@ -129,6 +130,21 @@ def _fit_preconditioner(out: Path, base: dict, layout: ShardLayout, opts: BuildO
             say(opts.quiet, f"mixed preconditioner: λ = {precond.lam:.4f} ({precond.info.get('lambda_source')})")
     dist.barrier()
     return Preconditioner.load(path, json.loads(info_path.read_text())), True
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc `malloc_trim`; elsewhere nothing).
+
+    Why: the statistics and each range's float64 temporaries are tens of MB apiece; once glibc has
+    freed one such block it serves the next ones from the heap instead of fresh mappings, and the
+    freed holes stay resident through the final vectors (+0.6 GB of peak RSS at 2^16 with 35 ranges).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def r_sample(layout: ShardLayout, opts: BuildOptions) -> np.ndarray:
