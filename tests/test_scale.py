@@ -19,6 +19,7 @@ import torch
 
 from tracestar import testing
 from tracestar.index import int8, writer
+from tracestar.index.canonical import exact_scores
 from tracestar.index.compress import compress, dequantize_int8, quantize_int8
 from tracestar.index.exact import topk
 from tracestar.index.search import search_compressed
@@ -179,3 +180,22 @@ def test_int8_search_is_pinned_to_the_exact_top_k_for_any_chunking(tmp_path):
             assert np.abs(approx.prop_scores - ex.prop_scores).max() < 0.01
         np.testing.assert_array_equal(approx.prop_rows, first.prop_rows)
         np.testing.assert_array_equal(approx.prop_scores, first.prop_scores)
+
+
+def test_a_re_rank_across_many_shards_maps_each_shard_once(tmp_path, monkeypatch):
+    """Queries that each gather rows from every one of 130 shards open each shard's map once per
+    store: an LRU smaller than the shards a query touches would reopen all of them per query."""
+    x, q = testing.clustered(130 * 4, 32, 6, seed=1)
+    store = IndexStore(testing.write_index(tmp_path / "idx", x, "float16", shard_docs=4).path)
+    opened: list[int] = []
+    real = IndexStore.load_shard
+
+    def counting(self, kind, shard_no, **kw):
+        opened.append(shard_no)
+        return real(self, kind, shard_no, **kw)
+
+    monkeypatch.setattr(IndexStore, "load_shard", counting)
+    rows = np.tile(np.arange(0, 130 * 4, 3), (len(q), 1))  # [Q, 174]: rows of every shard, per query
+    got = exact_scores(store, q, rows)
+    assert set(opened) == set(range(130)) and len(opened) < 2 * 130  # (threads may race to a first open)
+    np.testing.assert_allclose(got, np.einsum("qd,qnd->qn", q, x[rows].astype(np.float16).astype(np.float32)), atol=1e-5)
