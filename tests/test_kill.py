@@ -38,6 +38,7 @@ from tracestar import files
 CLOCK_FIELDS = {
     "manifest.json": [("created",), ("timings",), ("repaired",), ("compressed", "*", "seconds"),
                       ("compressed", "*", "created"), ("compressed", "*", "train_seconds"),
+                      ("compressed", "*", "encode_seconds"),
                       ("compressed", "exact_dropped_at"), ("manifest_sha256",)],  # the digest covers the clock fields too
     "metrics.json": [("_settings", "timings"), ("_settings", "tailpatch", "seconds")],
 }
