@@ -1,6 +1,6 @@
 """Scale: a large synthetic corpus through a tiny model, then the index's size and query latency.
 
-    python bench/scale.py --docs 1000000 --pq-rows 0 --keep IDX --out scale.json  # the issue's size: ~30 min here
+    python bench/scale.py --docs 1000000 --pq-rows 0 --keep IDX --out scale.json  # the issue's size: 20-25 min here
     python bench/scale.py --measure-only IDX --forms ""  # the queries again on a kept index (no build, no compress)
     python bench/scale.py --extrapolate scale.json --keep IDX   # an earlier run's figures carried to 2^16 again
     python bench/scale.py --pq-only --pq-rows 4096       # only PQ at 2^16 dims on a synthetic index
