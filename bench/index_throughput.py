@@ -19,6 +19,8 @@ indexes in fresh processes and prints each build's peak RSS: memory must not gro
         --docs 300 --min-len 16 --max-len 48 --no-memory     # SmolLM2's shape, short documents
     python bench/index_throughput.py --model smollm2 --corpus world/corpus.jsonl --docs 300 --threads 2 \\
         --autocast none,bfloat16          # a real HF directory (python bench/smollm2.py --out smollm2)
+    python bench/index_throughput.py --arch llama --preset smollm2 --groups 8,30 \\
+        --reference-capture before.py     # two layouts and another revision's capture.py, same rounds
 
 Documents are synthetic token ids (lengths uniform in [--min-len, --max-len]) unless `--corpus`
 names a corpus (JSONL, Parquet or a datasets directory), whose first `--docs` documents are
@@ -184,12 +186,14 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
                device: str = "cpu", dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
                act: str = "gelu_new", max_len: int = 256, min_len: int = 32, model_dir: str | None = None,
                corpus: str | None = None, model=None, tokenizer=None, profile: int = 0,
-               groups: tuple[int, ...] = (PAPER_GROUPS,)) -> dict:
+               groups: tuple[int, ...] = (PAPER_GROUPS,), reference: str | None = None) -> dict:
     """Interleaved training-step and indexing tok/s on the same batches (see the module docstring).
 
     `model`/`tokenizer` reuse an already built model (several autocast settings in one run).
     `groups`: the paper layout's most layer groups; each count is its own capture, timed in the
-    same interleaved rounds, and reported in `layouts` (the top-level figures are the first's)."""
+    same interleaved rounds, and reported in `layouts` (the top-level figures are the first's).
+    `reference`: a capture.py from another revision, timed in the same rounds on the first layout
+    (a before/after that a busy machine cannot skew: `reference_*`)."""
     if model is None:
         model, tokenizer = build_model(size, arch=arch, device=device, dtype=dtype, act=act, model_dir=model_dir)
     tracked = tracked_matrices(model)
@@ -198,6 +202,10 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
                 for n, blocks in layouts.items()}
     first = next(iter(layouts))
     blocks, capture = layouts[first], captures[first]
+    if reference is not None:
+        module = _load_reference(reference)
+        captures["reference"] = module.FactoredCapture(model, tracked, blocks, identity(tracked), seed=0,
+                                                       device=device, autocast=autocast)
     if corpus is not None:
         if tokenizer is None:
             raise SystemExit("--corpus needs --model (a tokenizer)")
@@ -249,6 +257,10 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
                    "ratio": round(best["train"] / best[_index_key(n, first)], 3),
                    "ratio_median": round(median["train"] / median[_index_key(n, first)], 3),
                    "ratio_cpu": round(cpu["train"] / cpu[_index_key(n, first)], 3)} for n in layouts]
+    ref = {} if reference is None else {
+        "reference_tok_s": round(tokens / best["index@reference"]),
+        "ratio_reference": round(best["train"] / best["index@reference"], 3),
+        "ratio_reference_median": round(median["train"] / median["index@reference"], 3)}
     return {
         "model": Path(model_dir).name if model_dir else size,
         "params": cov["n_params"],
@@ -271,7 +283,21 @@ def throughput(size: str, proj_dim: int, n_docs: int, batch_tokens: int, rounds:
         "train_rss_mb": round(rss["train"]),
         "index_rss_mb": round(rss["index"]),
         "layouts": per_layout,
+        **ref,
     }
+
+
+def _load_reference(path: str):
+    """A capture module from a file (another revision's src/tracestar/capture.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_capture", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--reference-capture: {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _index_key(groups: int, first: int) -> str:
@@ -416,6 +442,9 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=32, help="shortest synthetic document (tokens)")
     ap.add_argument("--max-len", type=int, default=256, help="longest synthetic document (tokens); --corpus: truncation")
     ap.add_argument("--proj-dim", type=int, default=DEFAULT_DIM)
+    ap.add_argument("--reference-capture", default=None, metavar="FILE",
+                    help="another revision's capture.py (git show REV:src/tracestar/capture.py > FILE), "
+                         "timed in the same rounds: a before/after on a busy machine")
     ap.add_argument("--groups", default=str(PAPER_GROUPS),
                     help="comma list: the paper layout's most layer groups, each its own capture in the same rounds "
                          "(default %(default)s)")
@@ -455,7 +484,8 @@ def main() -> None:
             r = throughput(size, args.proj_dim, args.docs, args.batch_tokens, args.rounds, arch=args.arch,
                            device=args.device, dtype=dtype, autocast=autocast, act=args.act, max_len=args.max_len,
                            min_len=args.min_len, model_dir=args.model, corpus=args.corpus, model=model,
-                           tokenizer=tokenizer, profile=args.profile, groups=groups)
+                           tokenizer=tokenizer, profile=args.profile, groups=groups,
+                           reference=args.reference_capture)
             ac = "bf16" if autocast is torch.bfloat16 else ("off" if autocast is None else str(autocast))
             print(f"{r['model']:>8} {ac:>8} {r['params']:>13,} {r['coverage']:>6.1%} {r['dim']:>6} {str(r['k']):>8} {r['tokens']:>7,} "
                   f"{r['train_tok_s']:>11,} {r['index_tok_s']:>11,} {r['ratio']:>5.2f}x {r['ratio_median']:>6.2f}x "
@@ -466,6 +496,9 @@ def main() -> None:
                     print(f"{'':>8} {ac:>8}   at most {lay['groups']:>3} layer groups: {lay['blocks']:>3} blocks, dim {lay['dim']:>6}, "
                           f"k {str(lay['k']):>8}, index tok/s {lay['index_tok_s']:>7,}, ratio {lay['ratio']:.2f}x, "
                           f"median {lay['ratio_median']:.2f}x, cpu-s {lay['ratio_cpu']:.2f}x", flush=True)
+            if args.reference_capture:
+                print(f"{'':>8} {ac:>8}   reference capture {args.reference_capture}: index tok/s {r['reference_tok_s']:>7,}, "
+                      f"ratio {r['ratio_reference']:.2f}x, median {r['ratio_reference_median']:.2f}x", flush=True)
         del model
     if args.no_memory or args.device != "cpu":
         return

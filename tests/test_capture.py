@@ -320,9 +320,13 @@ def test_throughput_bench_llama_path_runs():
         assert 900 <= r["dim"] <= 1024 and r["coverage"] > 0.95, r  # the paper layout fills most of the budget
         assert r["train_tok_s"] > 0 and r["index_tok_s"] > 0  # speeds depend on the machine: only that both ran
     # several caps on the layer groups: one capture each, timed in the same rounds
-    r = bench.throughput("tiny", 1024, 4, 512, 1, arch="llama", device="cpu", max_len=48, groups=(8, 1))
+    # and a capture.py from a file (another revision's; here this one's), timed in the same rounds
+    reference = Path(__file__).resolve().parents[1] / "src" / "tracestar" / "capture.py"
+    r = bench.throughput("tiny", 1024, 4, 512, 1, arch="llama", device="cpu", max_len=48, groups=(8, 1),
+                         reference=str(reference))
     assert [(lay["groups"], lay["blocks"]) for lay in r["layouts"]] == [(8, 5), (1, 3)]
     assert r["layouts"][0]["index_tok_s"] == r["index_tok_s"] and r["layouts"][1]["index_tok_s"] > 0
+    assert r["reference_tok_s"] > 0 and r["ratio_reference"] > 0
 
 
 def test_paper_layout_caps_the_layer_groups():
