@@ -31,7 +31,7 @@ def _build(world, out: Path, **kw) -> Path:
 def builds(world, tmp_path_factory):
     """One index per --raw-dtype, of the same corpus with the same arguments otherwise."""
     root = tmp_path_factory.mktemp("raw-dtype")
-    return {d: _build(world, root / d, raw_dtype=d) for d in ("float32", "bfloat16", "none")}
+    return {d: _build(world, root / d, raw_dtype=d, r_factor="eigh") for d in ("float32", "bfloat16", "none")}
 
 
 def _npy_bytes(path: Path) -> int:
@@ -97,10 +97,10 @@ def test_none_deletes_the_raw_vectors_and_keeps_the_same_final_vectors(world, bu
 
 def test_none_rerun_verifies_without_raw_vectors(world, builds, capsys):
     capsys.readouterr()
-    _build(world, builds["none"], raw_dtype="none", quiet=False)
+    _build(world, builds["none"], raw_dtype="none", r_factor="eigh", quiet=False)
     assert "files verified; nothing to do" in capsys.readouterr().out
     with pytest.raises(UserError, match="different arguments.*raw_dtype"):
-        _build(world, builds["none"])  # float32 now: another index
+        _build(world, builds["none"], r_factor="eigh")  # float32 now: another index
 
 
 def test_refit_of_an_index_without_raw_vectors_is_refused_in_one_line(world, builds, tmp_path):
@@ -121,14 +121,14 @@ def test_none_repair_recomputes_the_raw_vectors_and_deletes_them_again(world, bu
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
     capsys.readouterr()
-    _build(world, copy, raw_dtype="none", quiet=False)
+    _build(world, copy, raw_dtype="none", r_factor="eigh", quiet=False)
     out = capsys.readouterr().out
     assert "vectors/shard-00002.npy (checksum mismatch)" in out and "R reused" in out
     assert not list((copy / "raw").glob("*.npy"))
     np.testing.assert_allclose(tiny.all_vectors(open_index(copy)), tiny.all_vectors(open_index(builds["none"])),
                                atol=2e-3)  # the fp16 step: the recomputed rows may differ in the last bit
     capsys.readouterr()
-    _build(world, copy, raw_dtype="none", quiet=False)
+    _build(world, copy, raw_dtype="none", r_factor="eigh", quiet=False)
     assert "nothing to do" in capsys.readouterr().out
 
 

@@ -279,7 +279,7 @@ def test_rerun_refits_r_only_when_it_is_damaged(world, built, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "preconditioner.safetensors (checksum mismatch)" in captured.out
     assert "repaired: recomputed R and the manifest" in captured.out  # same R, so no vectors rewritten
-    for bar in ("R_train: statistics", "R_eval: eval-query gradients", "R_train spectrum", "R^-1/2 (mixed)"):
+    for bar in ("R_train: statistics", "R_eval: eval-query gradients", "R_train spectrum", "R Cholesky (mixed)"):
         assert bar in captured.err, bar
     assert "indexing" not in captured.err and "final vectors" not in captured.err
     assert "resuming: all 4 shards already complete" in captured.out

@@ -88,9 +88,10 @@ class BuildOptions:
     damping: float = _opt(DEFAULT_DAMPING,
                           "added to R's spectrum, times its mean eigenvalue; > 0 (default %(default)s)")
     r_block: int = _opt(DEFAULT_R_BLOCK)
-    r_factor: str = _opt("eigh", "how R is factored: eigh, the symmetric R^-1/2 (an eigendecomposition per R range); "
-                                 "or cholesky, a Cholesky factor in 5-7x less time at 2^16, with the same scores "
-                                 "to float64 rounding but stored vectors in another basis (default %(default)s)",
+    r_factor: str = _opt("cholesky", "how R is whitened: cholesky, W = L^-T with L L^T = R + damping, 5-7x less "
+                                     "time than eigh at 2^16; or eigh, the symmetric R^-1/2 (an eigendecomposition "
+                                     "per R range). Both give the same scores to float64 rounding; the stored "
+                                     "vectors are in another basis (default %(default)s)",
                          choices=R_FACTORS)
     # float16, or float32 when vectors are not unit-normalized (`resolved`)
     dtype: str | None = _opt(None, "stored vector dtype (default float16)", choices=DTYPES)
@@ -185,7 +186,9 @@ class BuildOptions:
         from the options an index was built with and change only the preconditioner's.
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in names}, **overrides})
+        recorded = {k: v for k, v in d.items() if k in names}
+        recorded.setdefault("r_factor", "eigh")  # a build.json without it is eigh's (`identity`)
+        return cls(**{**recorded, **overrides})
 
     def identity(self) -> dict:
         """The options that determine the index's bytes (a rerun with others is refused)."""
@@ -194,7 +197,7 @@ class BuildOptions:
             skip |= {"chunk_tokens", "chunk_stride"}
         if self.raw_dtype == "float32":  # likewise an index with the default raw vectors
             skip.add("raw_dtype")
-        if self.r_factor == "eigh":  # and one with the default factor of R
+        if self.r_factor == "eigh":  # and one whitened by R^-1/2, as every index was before Cholesky
             skip.add("r_factor")
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         for key in ("optimizer_state", "eval_queries"):
