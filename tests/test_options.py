@@ -102,3 +102,15 @@ def test_report_quiet_reaches_build_report(monkeypatch, capsys):
     assert main(base) == 0 and seen["quiet"] is False and seen["explain"] is True
     assert main([*base, "--quiet", "--no-explain"]) == 0 and seen["quiet"] is True and seen["explain"] is False
     assert capsys.readouterr().out.split() == ["o.html", "o.html"]
+
+
+def test_r_factor_default_is_cholesky_and_an_unrecorded_one_is_eigh():
+    """New builds whiten with Cholesky and record it; a build.json without `r_factor` (every index
+    built before the option existed) reads back as eigh, so refit and resume keep its bytes."""
+    opts = BuildOptions()
+    assert opts.r_factor == "cholesky" and opts.identity()["r_factor"] == "cholesky"
+    assert "r_factor" not in BuildOptions(r_factor="eigh").identity()
+    old = BuildOptions(r_factor="eigh").identity()
+    assert BuildOptions.from_json(old).r_factor == "eigh"
+    assert BuildOptions.from_json(opts.identity()).r_factor == "cholesky"
+    assert BuildOptions.from_json(old, r_factor="cholesky").r_factor == "cholesky"
