@@ -466,3 +466,23 @@ def test_bf16_capture_with_a_wide_head_at_k_32():
     assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
     moved = float(res.stdout.strip().splitlines()[-1])
     assert 1e-4 < moved < 3e-2, moved  # bf16 moved the vectors, a little
+
+
+def test_bf16_capture_runs_short_batches_attention_as_the_math_kernel(monkeypatch, llama_rig, docs):
+    """Under bf16 on a CPU, short batches' attention runs as the math kernel (torch's CPU
+    flash-attention backward is slow in bf16); fp32, long batches and accelerators keep torch's choice.
+    The vectors agree with the flash kernel's within bf16 rounding."""
+    import tracestar.capture as capture_mod
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    flash_on = torch.backends.cuda.flash_sdp_enabled()
+    with capture_mod.attention_kernel(cpu, bf16, 47):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    for args in ((cpu, None, 47), (cpu, bf16, capture_mod._MATH_ATTENTION_MAX_T + 1), (torch.device("cuda"), bf16, 47)):
+        with capture_mod.attention_kernel(*args):
+            assert torch.backends.cuda.flash_sdp_enabled() == flash_on, args
+    math = llama_rig.capture(autocast=bf16).vectors(docs)
+    monkeypatch.setattr(capture_mod, "_MATH_ATTENTION_MAX_T", 0)
+    flash = llama_rig.capture(autocast=bf16).vectors(docs)
+    moved = (math - flash).norm(dim=1) / flash.norm(dim=1)
+    assert 0 < moved.max() < 3e-2, moved  # another kernel, so other rounding; no more
