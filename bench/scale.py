@@ -314,7 +314,7 @@ def pq_high_dim(root: Path, rows: int, n_q: int, dim: int = HIGH_DIM) -> dict:
     t = time.perf_counter()
     e = compress(path, "pq")
     return {"rows": rows, "dim": dim, "compress_s": time.perf_counter() - t,
-            **{k: e.get(k) for k in ("train_seconds", "train_rows", "m", "nlist", "nprobe", "bytes_per_doc")},
+            **{k: e.get(k) for k in ("form", "train_seconds", "train_rows", "m", "nlist", "nprobe", "bytes_per_doc")},
             "encode_s_per_row": (e["seconds"] - e["train_seconds"]) / rows, "search": latencies(path, q, source)}
 
 
@@ -355,12 +355,14 @@ def extrapolate(n_docs: int, dim: int, built: dict, sizes: dict, lat: dict, prob
     out.update(build_at_high_dim(built, probe))
     if hi:
         # measured at 2^16 on hi["rows"] rows: the exact scan grows with the rows; PQ's cost per query is
-        # at most linear in the rows it scans, which IVF makes 1/IVF_PROBE_SHARE of 1M (an upper bound:
-        # its tables and the re-rank do not grow with the rows)
+        # at most linear in the rows it scans (an upper bound: its tables and the re-rank do not grow
+        # with the rows). IVF-PQ scans 1/IVF_PROBE_SHARE of 1M; the binary form (the default at 2^16)
+        # has no inverted file and scans every row.
         from tracestar.index.compress import IVF_PROBE_SHARE
 
+        share = 1 if hi.get("form") == "binary" else IVF_PROBE_SHARE
         out["exact_s_per_query_1M_2^16_from_measured_2^16"] = hi["search"]["exact"]["s_per_query"] * 1_000_000 / hi["rows"]
-        out["pq_s_per_query_1M_2^16_at_most"] = hi["search"]["pq"]["s_per_query"] * max(1.0, 1_000_000 / IVF_PROBE_SHARE / hi["rows"])
+        out["pq_s_per_query_1M_2^16_at_most"] = hi["search"]["pq"]["s_per_query"] * max(1.0, 1_000_000 / share / hi["rows"])
         out["pq_encode_hours_1M_2^16"] = hi["encode_s_per_row"] * 1_000_000 / 3600
     return out
 
