@@ -13,6 +13,8 @@ keep the exact search's tie order.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -34,16 +36,22 @@ def entry_groups(entry: dict, dim: int) -> Groups:
     return [(int(o), int(n)) for o, n in entry.get("groups") or whole_row(dim)]
 
 
+def load_shard_pair(store: IndexStore, paths: tuple[Path, Path], sha256s: tuple[str, str],
+                    verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, memory-mapped; the per-row array) of one compressed shard's two .npy files, checked
+    against the manifest's checksums first (once per store) when `verify`. Shapes are the caller's."""
+    if verify:
+        for path, want in zip(paths, sha256s):
+            store.verify_file(path, want, what="compressed shard", remedy="rerun `tracestar compress`")
+    return np.load(paths[0], mmap_mode="r", allow_pickle=False), np.load(paths[1], allow_pickle=False)
+
+
 def _load_int8(store: IndexStore, shard_no: int, entry: dict, verify: bool) -> tuple[np.ndarray, np.ndarray]:
     """(codes [rows, D] int8, memory-mapped; scales [rows, G] float32) of one int8 shard, checked
     against the manifest entry's checksums (once per store) and shapes."""
     cpath, spath = int8_paths(store.path, shard_no)
     info = entry["shards"][shard_no]
-    if verify:
-        for path, want in ((cpath, info["codes_sha256"]), (spath, info["scales_sha256"])):
-            store.verify_file(path, want, what="compressed shard", remedy="rerun `tracestar compress`")
-    codes = np.load(cpath, mmap_mode="r", allow_pickle=False)
-    scales = np.load(spath, allow_pickle=False)
+    codes, scales = load_shard_pair(store, (cpath, spath), (info["codes_sha256"], info["scales_sha256"]), verify)
     n_groups = len(entry_groups(entry, store.dim))
     if codes.shape != (info["rows"], store.dim) or scales.reshape(len(scales), -1).shape != (info["rows"], n_groups):
         raise IndexStoreError(f"{cpath}: shape {codes.shape}, scales {scales.shape}; manifest says "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.index.int8 import _int8_matmul, int8_query
+from tracestar.index.int8 import _int8_matmul, int8_query, load_shard_pair
 from tracestar.index.store import IndexStore
 from tracestar.index.topk import RunningTopK, merge_above_threshold, side_lists
 from tracestar.index.writer import COMPRESSED_DIR
@@ -87,11 +87,7 @@ def _load_binary(store: IndexStore, shard_no: int, entry: dict, verify: bool) ->
     against the manifest entry's checksums (once per store) and shapes."""
     cpath, fpath = binary_paths(store.path, shard_no)
     info = entry["shards"][shard_no]
-    if verify:
-        for path, want in ((cpath, info["codes_sha256"]), (fpath, info["factors_sha256"])):
-            store.verify_file(path, want, what="compressed shard", remedy="rerun `tracestar compress`")
-    codes = np.load(cpath, mmap_mode="r", allow_pickle=False)
-    factors = np.load(fpath, allow_pickle=False)
+    codes, factors = load_shard_pair(store, (cpath, fpath), (info["codes_sha256"], info["factors_sha256"]), verify)
     want = (int(info["rows"]), (store.dim + 7) // 8)
     if codes.shape != want or codes.dtype != np.uint8 or factors.shape != want[:1] or factors.dtype != np.float32:
         raise IndexStoreError(f"{cpath}: codes {codes.dtype} {codes.shape}, factors {factors.dtype} {factors.shape}; "
