@@ -87,7 +87,7 @@ def matmul_only(store: IndexStore, q: np.ndarray, chunk: int | None) -> None:
     for shard_no in range(len(store.shards)):
         block = store.load_shard("vectors", shard_no, verify=False)
         for lo in range(0, block.shape[0], rows):
-            srch._chunk_scores(q_low, srch.as_tensor(block[lo : lo + rows], stored))
+            srch.chunk_scores(q_low, srch.as_tensor(block[lo : lo + rows], stored))
 
 
 class ComputeRoof:
@@ -106,7 +106,7 @@ class ComputeRoof:
 
     def __call__(self) -> None:
         for _ in range(self.reps):
-            srch._chunk_scores(self.q, self.x)
+            srch.chunk_scores(self.q, self.x)
 
     def gbps(self, seconds: float) -> float:
         return self.reps * self.nbytes / seconds / 1e9
@@ -142,7 +142,7 @@ def scan_table(args, bw: Bandwidth, tmp: Path) -> None:
             if args.inline:
                 qq = store.check_queries(q)
                 fns["inline"] = lambda: to_result(*srch._scan_inline(
-                    store, qq, 10, list(range(len(store.shards))), srch._Bounds.of(store, "vectors", qq),
+                    store, qq, 10, list(range(len(store.shards))), srch.Bounds.of(store, "vectors", qq),
                     kind="vectors", chunk_rows=chunk, verify=False), 10)
             best = best_times(fns, args.repeats)
             g = bw.gbps(best)

@@ -543,13 +543,13 @@ def test_position_dependent_blas_noise_changes_nothing(tmp_path, monkeypatch):
     q_mid, x_mid = _midpoint_rows(D)  # and copies of rows whose float32 rounding is a coin toss
     mid = write_index(tmp_path / "mid", np.concatenate([x_mid, x[:61], x_mid, x[61:120], x_mid[::-1]]), "float32")
     mid_clean = brute_force(mid, q_mid)
-    chunk_scores, f64_dots = srch._chunk_scores, canonical._f64_dots
+    chunk_scores, f64_dots = srch.chunk_scores, canonical._f64_dots
 
     def noisy_chunk(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
         s = chunk_scores(q_low, xc)
         return s + s.abs() * ((torch.arange(s.shape[1]) % 7 - 3) * 2.0**-22)
 
-    monkeypatch.setattr(srch, "_chunk_scores", noisy_chunk)
+    monkeypatch.setattr(srch, "chunk_scores", noisy_chunk)
     monkeypatch.setattr(canonical, "_f64_dots", _noisy_dots(canonical, f64_dots))
     for dt, store in stores.items():
         np.testing.assert_array_equal(brute_force(store, q), clean[dt])

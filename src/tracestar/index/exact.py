@@ -95,7 +95,7 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _MARGIN = {"float16": 64, "bfloat16": 256, "float32": 32}
 
 
-def _chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+def chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
     """[Q, C] float32 scores of the low-precision query against a stored chunk (stored dtype matmul).
 
     X·qᵀ with the big chunk as the row-major source operand: oneDNN then repacks only the small
@@ -105,7 +105,7 @@ def _chunk_scores(q_low: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Bounds:
+class Bounds:
     """How far a chunk score can be from the exact dot product, per query (see the module doc)."""
 
     q_low: torch.Tensor  # [Q, D] the query as the chunk matmul sees it (stored dtype)
@@ -115,7 +115,7 @@ class _Bounds:
     # and the canonical re-score's own error bound, trust that promise (the builder normalises)
 
     @classmethod
-    def of(cls, store: IndexStore, kind: str, q: np.ndarray) -> _Bounds:
+    def of(cls, store: IndexStore, kind: str, q: np.ndarray) -> Bounds:
         stored = store.stored_dtype(kind)
         q32 = torch.from_numpy(q)
         q_low = q32.to(_TORCH_DTYPE[stored])
@@ -126,9 +126,9 @@ class _Bounds:
         unit = bool(store.manifest.get("unit_norm", True)) and kind == "vectors"
         return cls(q_low, a_q + acc, _REL_OUT[stored], unit)
 
-    def select(self, idx: torch.Tensor) -> _Bounds:
+    def select(self, idx: torch.Tensor) -> Bounds:
         """The bounds of some of the queries (those a rescan repeats)."""
-        return _Bounds(self.q_low[idx], self.base[idx], self.rel, self.unit)
+        return Bounds(self.q_low[idx], self.base[idx], self.rel, self.unit)
 
     def norm_bound(self, xc: torch.Tensor) -> float:
         """An upper bound of ‖x‖ over a chunk's rows."""
@@ -149,7 +149,7 @@ class _Bounds:
         return (s64 - err).float(), (s64 + err).float()
 
 def _approx_lists(
-    store: IndexStore, q: np.ndarray, shard_nos: list[int], bounds: _Bounds, m: int, *, kind: str,
+    store: IndexStore, q: np.ndarray, shard_nos: list[int], bounds: Bounds, m: int, *, kind: str,
     chunk_rows: int | None, verify: bool,
 ) -> tuple[list[RunningTopK], float]:
     """One pass of stored-dtype matmuls: approximate top-m lists of s and of −s, and a bound of ‖x‖."""
@@ -163,7 +163,7 @@ def _approx_lists(
 
 
 def _scored_chunks(
-    store: IndexStore, q: np.ndarray, shard_nos: list[int], bounds: _Bounds, *, kind: str,
+    store: IndexStore, q: np.ndarray, shard_nos: list[int], bounds: Bounds, *, kind: str,
     chunk_rows: int | None, verify: bool,
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]:
     """The one streaming loop of both scans: per chunk of each shard, in row order, its first row,
@@ -176,7 +176,7 @@ def _scored_chunks(
         for lo in range(0, block.shape[0], rows_per_chunk):
             rows = block[lo : lo + rows_per_chunk]
             xc = as_tensor(rows, stored)
-            s = _chunk_scores(bounds.q_low, xc)  # [Q, C] approximate
+            s = chunk_scores(bounds.q_low, xc)  # [Q, C] approximate
             if not torch.isfinite(s).all():  # fp16 overflow (non-unit vectors): fp32 scores, within the bound
                 s = torch.mm(torch.from_numpy(q), xc.float().T)
             yield start + lo, rows, xc, s
@@ -213,7 +213,7 @@ def _scan(
     if k == 0 or n_q == 0:
         return side_lists(n_q, k)
     n_total = sum(int(store.shards[s]["rows"]) for s in shard_nos)
-    bounds = _Bounds.of(store, kind, q)
+    bounds = Bounds.of(store, kind, q)
     m = min(n_total, k + _MARGIN[store.stored_dtype(kind)])
     lists, xn = _approx_lists(store, q, shard_nos, bounds, m, kind=kind, chunk_rows=chunk_rows, verify=verify)
     out, ok, pair_rows = _rescore_listed(store, q, k, lists, bounds, xn, n_total, kind=kind, verify=verify)
@@ -232,7 +232,7 @@ def _scan(
 
 
 def _rescore_listed(
-    store: IndexStore, q: np.ndarray, k: int, lists: list[RunningTopK], bounds: _Bounds, xn: float, n_total: int,
+    store: IndexStore, q: np.ndarray, k: int, lists: list[RunningTopK], bounds: Bounds, xn: float, n_total: int,
     *, kind: str, verify: bool,
 ) -> tuple[tuple[RunningTopK, RunningTopK], torch.Tensor, np.ndarray]:
     """Canonical top-k lists from the approximate top-m lists (of s and −s), a certificate per query
@@ -276,7 +276,7 @@ def _scan_inline(
     q: np.ndarray,
     k: int,
     shard_nos: list[int],
-    bounds: _Bounds,
+    bounds: Bounds,
     *,
     kind: str,
     chunk_rows: int | None,

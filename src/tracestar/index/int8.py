@@ -102,7 +102,7 @@ def query_parts(q_codes: torch.Tensor, groups: Groups) -> QueryParts:
 _HAS_INT_MM = True  # cleared the first time torch._int_mm turns out to be missing for the device
 
 
-def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """float32 [m, n] = a [m, k] · b [k, n] for int8 operands: torch's int8 gemm (VNNI/AMX on x86),
     or, where this torch build has none for the device, a float64 matmul of the same integers.
 
@@ -136,7 +136,7 @@ def _int8_chunk_scores(codes: torch.Tensor, scales: torch.Tensor, parts: QueryPa
         hi = min(n_rows, lo + step)
         block = out[lo:hi]  # [c, Q], contiguous
         for i, (g, c0, c1, part) in enumerate(parts):
-            dots = _int8_matmul(codes[lo:hi, c0:c1], part)  # [c, Q], exact integers as float32
+            dots = int8_matmul(codes[lo:hi, c0:c1], part)  # [c, Q], exact integers as float32
             if i == 0:
                 torch.mul(dots, scales[lo:hi, g : g + 1], out=block)
             else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tracestar.errors import IndexStoreError, UserError
-from tracestar.index.int8 import _int8_matmul, int8_query, load_shard_pair
+from tracestar.index.int8 import int8_matmul, int8_query, load_shard_pair
 from tracestar.index.store import IndexStore
 from tracestar.index.topk import RunningTopK, merge_above_threshold, side_lists
 from tracestar.index.writer import COMPRESSED_DIR
@@ -134,7 +134,7 @@ def binary_candidates(store: IndexStore, q: np.ndarray, n_cand: int, entry: dict
         start = int(info["start"])
         for lo in range(0, codes.shape[0], unpack.rows):
             hi = min(codes.shape[0], lo + unpack.rows)
-            dots = _int8_matmul(unpack(codes[lo:hi]), c_t)[:, :n_q]  # [n, Q] exact integers as float32
+            dots = int8_matmul(unpack(codes[lo:hi]), c_t)[:, :n_q]  # [n, Q] exact integers as float32
             s = (dots * torch.from_numpy(factors[lo:hi]).unsqueeze(1)).mul_(a).T.contiguous()  # [Q, n]
             merge_above_threshold(props, s, start + lo)
             merge_above_threshold(opps, -s, start + lo)

@@ -18,7 +18,7 @@ import torch
 
 from tracestar.errors import IndexStoreError
 from tracestar.index.canonical import exact_scores
-from tracestar.index.exact import _Bounds, _chunk_scores, as_tensor, topk_distributed
+from tracestar.index.exact import Bounds, chunk_scores, as_tensor, topk_distributed
 from tracestar.index.int8 import int8_candidates
 from tracestar.index.pq import pq_candidates
 from tracestar.index.store import IndexStore
@@ -110,7 +110,7 @@ def _screened(
     """The candidates [Q, c] (each side) that can be in their side's exact top k_out; −1 for the rest.
 
     Each query's candidate rows get the exact scan's stored-dtype score and its error interval
-    (`exact._Bounds`, rounded to float32 as canonical scores are): a proponent whose upper bound
+    (`exact.Bounds`, rounded to float32 as canonical scores are): a proponent whose upper bound
     is below the k_out-th largest lower bound cannot reach the top k_out, nor tie with it, and
     likewise for opponents; the exact re-score (`exact_scores`) then runs on the few rows left.
     At 2^16 dims it re-scored 800 candidates per query exactly in ~0.37 s, most of it in the
@@ -124,7 +124,7 @@ def _screened(
         rows = rows[rows >= 0]
         for s in np.unique(np.searchsorted(store.shard_starts, rows, side="right") - 1).tolist():
             store.verify_shard("vectors", s)
-    bounds = _Bounds.of(store, "vectors", q)
+    bounds = Bounds.of(store, "vectors", q)
     p_keep, o_keep = np.full(p_rows.shape, -1, np.int64), np.full(o_rows.shape, -1, np.int64)
     for i in range(q.shape[0]):
         both = np.concatenate([p_rows[i], o_rows[i]])
@@ -132,7 +132,7 @@ def _screened(
         if want.size == 0:
             continue
         xt = as_tensor(store.gather("vectors", want, verify=False), stored)
-        lower, upper = bounds.select(torch.tensor([i])).interval(_chunk_scores(bounds.q_low[i : i + 1], xt),
+        lower, upper = bounds.select(torch.tensor([i])).interval(chunk_scores(bounds.q_low[i : i + 1], xt),
                                                                 bounds.norm_bound(xt))
         lower, upper = lower[0].numpy(), upper[0].numpy()
         for rows, keep, sign in ((p_rows[i], p_keep[i], 1.0), (o_rows[i], o_keep[i], -1.0)):
