@@ -71,20 +71,17 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0) -> int:
     return words
 
 
-def save_tiny_model(path: Path) -> None:
-    """A 2-layer, width-32 GPT-2 with random weights and a word-level tokenizer of VOCAB words."""
+def save_tiny_model(path: Path, width: int = 32) -> None:
+    """A 2-layer GPT-2 `width` wide with random weights and a word-level tokenizer of VOCAB words
+    (w0, w1, ...: the words of `write_corpus`)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from index_throughput import save_with_word_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB)}}
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+    cfg = GPT2Config(vocab_size=VOCAB + 3, n_positions=128, n_embd=width, n_layer=2, n_head=2,
                      bos_token_id=1, eos_token_id=1, pad_token_id=0)
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    save_with_word_tokenizer(GPT2LMHeadModel(cfg), path)  # <pad>, <eos>, <unk>, then the words
 
 
 def tokenizer_rate(model_dir: Path, corpus: Path, n_docs: int) -> dict:

@@ -273,20 +273,11 @@ def pq_scan_table(args, tmp: Path) -> None:
 
 
 def _wide_model(path: Path) -> None:
-    """A 2-layer GPT-2 of width 192 with random weights and bench/scale.py's word-level tokenizer:
-    wide enough that a 2^16 projection gets 64,980 dims (the tests' width-32 model gets 38,280)."""
-    from scale import VOCAB
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """bench/scale.py's tiny GPT-2 at width 192: wide enough that a 2^16 projection gets 64,980
+    dims (the tests' width-32 model gets 38,280)."""
+    from scale import save_tiny_model
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB)}}
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=192, n_layer=2, n_head=2,
-                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    save_tiny_model(path, width=192)
 
 
 def real_vectors(args, tmp: Path) -> np.ndarray:
