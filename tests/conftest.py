@@ -15,3 +15,11 @@ def world(tmp_path_factory):
     import tiny
 
     return tiny.trained_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def queries(world):
+    """The tiny world's queries, read once per module."""
+    from tracestar.corpus import read_queries
+
+    return read_queries(world["queries"])

@@ -50,13 +50,6 @@ def build(world, out: Path, capsys, *extra: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def queries(world):
-    from tracestar.corpus import read_queries
-
-    return read_queries(world["queries"])
-
-
-@pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
     """A finished index built in this process, its snapshot, the files it writes in order, its answers."""
     out = tmp_path_factory.mktemp("reference") / "index"

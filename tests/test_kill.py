@@ -272,13 +272,6 @@ def eval_queries(world, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def queries(world):
-    from tracestar.corpus import read_queries
-
-    return read_queries(world["queries"])
-
-
-@pytest.fixture(scope="module")
 def base_index(world, tmp_path_factory):
     """A finished index (built by a forked child, as every run here is) for refit, compress and eval."""
     out = tmp_path_factory.mktemp("base") / "index"
